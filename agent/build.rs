@@ -1,0 +1,45 @@
+//! Builds the eBPF program (`ebpf/`) for the bpf target with the nightly toolchain and leaves the
+//! object in `OUT_DIR/tcpstate-ebpf`, where `src/bpf.rs` embeds it.
+//!
+//! `TCPSTATE_EBPF_TOOLCHAIN` names another rustup toolchain (for example `stable` together with
+//! `RUSTC_BOOTSTRAP=1`, on a machine without nightly). `cargo xtask setup` installs what is needed.
+use std::process::Command;
+
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = env!("CARGO_MANIFEST_DIR");
+    let ebpf_dir = format!("{manifest_dir}/../ebpf");
+    // aya-build watches the eBPF crate; the contract it shares with us lives in common/.
+    println!("cargo:rerun-if-changed={manifest_dir}/../common/src");
+    println!("cargo:rerun-if-env-changed=TCPSTATE_EBPF_TOOLCHAIN");
+    let toolchain = std::env::var("TCPSTATE_EBPF_TOOLCHAIN").ok();
+    let toolchain = match toolchain.as_deref() {
+        None | Some("") | Some("nightly") => aya_build::Toolchain::Nightly,
+        Some(other) => aya_build::Toolchain::Custom(other),
+    };
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "tcpstate-ebpf",
+            root_dir: &ebpf_dir,
+            ..Default::default()
+        }],
+        toolchain,
+    )?;
+
+    // Revision for tcpstate_build_info; "unknown" outside a git checkout.
+    let revision = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".to_string());
+    println!("cargo:rustc-env=TCPSTATE_REVISION={revision}");
+    let rustc = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    println!("cargo:rustc-env=TCPSTATE_RUSTC={rustc}");
+    Ok(())
+}

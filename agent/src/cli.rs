@@ -1,0 +1,129 @@
+//! Command-line types.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, AgentConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcpstate",
+    version,
+    about = "Watch every TCP state transition and find connections stuck in CLOSE_WAIT or FIN_WAIT_2",
+    long_about = "tcpstate follows every TCP state transition on this host with an eBPF program on \
+the tracepoint sock:inet_sock_set_state, keeps a live table of connections per service port, and \
+exports it as Prometheus metrics.",
+    after_help = "Examples:\n  sudo tcpstate agent\n  sudo tcpstate agent --listen 127.0.0.1:10610 --max-ports 1024\n  curl -s localhost:10610/metrics | grep close_wait"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: load the eBPF program and serve metrics until SIGINT/SIGTERM.
+    #[command(
+        after_help = "Needs root, or CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN to mount tracefs when it is missing).\n\nExample:\n  sudo tcpstate agent --listen 127.0.0.1:10610"
+    )]
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Address and port of the HTTP server (/metrics).
+    #[arg(long, value_name = "ADDR:PORT", default_value = config::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Distinct service ports tracked per role; further ports are counted under port="other".
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_PORTS,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_ports: u32,
+
+    /// Size of the kernel-to-agent ring buffer: a power of two, e.g. 4MiB.
+    #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_ring)]
+    pub ring_size: u32,
+
+    /// Sockets whose state-entry time the eBPF program remembers (an LRU map).
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_SOCKETS,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub max_sockets: u32,
+
+    /// tracefs mount point [default: /sys/kernel/tracing, mounted if missing].
+    #[arg(long, value_name = "PATH")]
+    pub tracefs: Option<PathBuf>,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or a tracing directive.
+    #[arg(
+        long,
+        value_name = "FILTER",
+        default_value = "info",
+        env = "TCPSTATE_LOG"
+    )]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn parse_ring(s: &str) -> Result<u32, String> {
+    config::parse_ring_size(s).map_err(|e| e.to_string())
+}
+
+impl AgentArgs {
+    pub fn config(&self) -> AgentConfig {
+        AgentConfig {
+            listen: self.listen,
+            max_ports: self.max_ports,
+            ring_bytes: self.ring_size,
+            max_sockets: self.max_sockets,
+            tracefs: self.tracefs.clone(),
+            drain_interval: config::DRAIN_INTERVAL,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let cli = Cli::try_parse_from(["tcpstate", "agent"]).unwrap();
+        let Command::Agent(a) = cli.command;
+        let c = a.config();
+        assert_eq!(c.listen, "0.0.0.0:10610".parse().unwrap());
+        assert_eq!(c.max_ports, 512);
+        assert_eq!(c.ring_bytes, 4 << 20);
+        assert_eq!(c.wakeup_bytes(), 1 << 20);
+    }
+
+    #[test]
+    fn bad_flags_are_rejected_with_their_name() {
+        for args in [
+            vec!["tcpstate", "agent", "--ring-size", "3MiB"],
+            vec!["tcpstate", "agent", "--max-ports", "0"],
+            vec!["tcpstate", "agent", "--listen", "nowhere"],
+            vec!["tcpstate", "agent", "--bogus"],
+        ] {
+            let err = Cli::try_parse_from(&args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            let flag = args[2];
+            assert!(err.to_string().contains(flag), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,128 @@
+//! Validated agent settings and the parsers for their human forms.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// The default `--listen`: all interfaces, on a port outside the Prometheus exporter range
+/// (9100-9999, fully allocated) that no common service uses.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:10610";
+pub const DEFAULT_MAX_PORTS: u32 = 512;
+/// 4 MiB holds about 52,000 events: at the churn benchmark's peak rate that is more than
+/// 100 ms of headroom over the 10 ms drain interval. See the README's benchmark section.
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+pub const DEFAULT_MAX_SOCKETS: u32 = 131_072;
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Everything `tcpstate agent` needs, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub max_ports: u32,
+    pub ring_bytes: u32,
+    pub max_sockets: u32,
+    pub tracefs: Option<PathBuf>,
+    pub drain_interval: Duration,
+}
+
+impl AgentConfig {
+    /// Bytes waiting in the ring before the program wakes the reader.
+    pub fn wakeup_bytes(&self) -> u32 {
+        self.ring_bytes / 4
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{key}: `{value}` is not a size: write bytes or use KiB/MiB/GiB, e.g. 4MiB")]
+    Size { key: &'static str, value: String },
+    #[error("{key}: {value} bytes is not a power of two of at least 4096 and at most 1GiB")]
+    RingSize { key: &'static str, value: u64 },
+}
+
+/// Parses a byte size: `4194304`, `4096KiB`, `4MiB`, `4M`, `1GiB`.
+pub fn parse_bytes(key: &'static str, text: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::Size {
+        key,
+        value: text.to_string(),
+    };
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return Err(err()),
+    };
+    n.checked_mul(mult).ok_or_else(err)
+}
+
+/// Parses and checks a ring buffer size: the kernel wants a power of two, page-aligned.
+pub fn parse_ring_size(text: &str) -> Result<u32, ConfigError> {
+    const KEY: &str = "--ring-size";
+    let bytes = parse_bytes(KEY, text)?;
+    if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
+        return Err(ConfigError::RingSize {
+            key: KEY,
+            value: bytes,
+        });
+    }
+    Ok(bytes as u32)
+}
+
+/// Reads `net.ipv4.ip_local_port_range`, falling back to the kernel default.
+pub fn ephemeral_range() -> std::ops::RangeInclusive<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some(it.next()??..=it.next()??)
+        })
+        .unwrap_or(crate::table::DEFAULT_EPHEMERAL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("k", "4096"), Ok(4096));
+        assert_eq!(parse_bytes("k", "4KiB"), Ok(4096));
+        assert_eq!(parse_bytes("k", "4MiB"), Ok(4 << 20));
+        assert_eq!(parse_bytes("k", "4M"), Ok(4 << 20));
+        assert_eq!(parse_bytes("k", "1GiB"), Ok(1 << 30));
+        assert!(matches!(
+            parse_bytes("k", "4 parsecs"),
+            Err(ConfigError::Size { .. })
+        ));
+        assert!(matches!(
+            parse_bytes("k", ""),
+            Err(ConfigError::Size { .. })
+        ));
+        assert!(matches!(
+            parse_bytes("k", "99999999999999999999G"),
+            Err(ConfigError::Size { .. })
+        ));
+    }
+
+    #[test]
+    fn ring_sizes_must_be_page_multiples_and_powers_of_two() {
+        assert_eq!(parse_ring_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_ring_size("4096"), Ok(4096));
+        let e = parse_ring_size("3MiB").unwrap_err();
+        assert!(e.to_string().contains("--ring-size"), "{e}");
+        assert!(parse_ring_size("2048").is_err());
+        assert!(parse_ring_size("2GiB").is_err());
+    }
+
+    #[test]
+    fn ephemeral_range_is_sane() {
+        let r = ephemeral_range();
+        assert!(r.start() <= r.end());
+    }
+}

@@ -1,0 +1,197 @@
+//! Wiring of the agent: privileges, tracefs, program, reader, table, HTTP, and shutdown.
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::bpf::{self, BpfError};
+use crate::config::{self, AgentConfig};
+use crate::http::{AppState, TableHandle};
+use crate::metrics;
+use crate::privileges::{self, PrivilegeError};
+use crate::reader::{self, Batch, ReaderStats};
+use crate::table::{Snapshot, Table};
+use crate::tracefs::{self, TracefsError};
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Privilege(#[from] PrivilegeError),
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error("cannot listen on {addr}: {source}; pass --listen with a free address and port")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Queue depth, in batches, between the reader and the table task.
+const BATCH_QUEUE: usize = 64;
+
+/// Runs the agent until SIGINT or SIGTERM; returns once the program is detached.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| AgentError::Io {
+            what: "installing the SIGTERM handler",
+            source,
+        })?;
+    let agent = start(cfg).await?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM received, shutting down"),
+    }
+    agent.stop().await;
+    Ok(())
+}
+
+/// A running agent.
+pub struct Agent {
+    pub addr: std::net::SocketAddr,
+    pub table: TableHandle,
+    pub reader_stats: Arc<ReaderStats>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    probe: bpf::Probe,
+}
+
+/// Starts every part of the agent and returns once the program is attached and the HTTP
+/// server listens.
+pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
+    privileges::check()?;
+    privileges::raise_memlock();
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| AgentError::Io {
+        what: "reading the listening address",
+        source,
+    })?;
+    let tracefs = tracefs::locate(cfg.tracefs.as_deref())?;
+    let layout = tracefs::read_layout(&tracefs)?;
+    tracing::debug!(?layout, tracefs = %tracefs.display(), "tracepoint layout");
+    let loaded = bpf::load(
+        layout,
+        &bpf::Options {
+            ring_bytes: cfg.ring_bytes,
+            max_sockets: cfg.max_sockets,
+            wakeup_bytes: cfg.wakeup_bytes(),
+        },
+    )?;
+    tracing::info!(
+        listen = %addr,
+        ring_bytes = cfg.ring_bytes,
+        max_ports = cfg.max_ports,
+        "attached to sock:inet_sock_set_state"
+    );
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // aya-log records from the program: the logger must be kept alive and polled.
+    // SAFETY: the logger owns the log ring's fd, open and unchanged until the `AsyncFd` drops it.
+    let mut logger = unsafe { AsyncFd::register(loaded.logger) }.map_err(|e| AgentError::Io {
+        what: "polling the eBPF log map",
+        source: e.into(),
+    })?;
+    let mut stop = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                guard = logger.readable_mut() => match guard {
+                    Ok(mut g) => {
+                        g.get_inner_mut().flush();
+                        g.clear_ready();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "eBPF log map failed");
+                        return;
+                    }
+                },
+                _ = stop.changed() => return,
+            }
+        }
+    }));
+
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_QUEUE);
+    let reader_stats = Arc::new(ReaderStats::default());
+    let stats = reader_stats.clone();
+    let stop = shutdown_rx.clone();
+    let drain = cfg.drain_interval;
+    let events = loaded.events;
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = reader::run(events, batch_tx, stats, drain, stop).await {
+            tracing::error!(error = %e, "ring buffer reader failed");
+        }
+    }));
+
+    let (snap_tx, snap_rx) = mpsc::channel::<oneshot::Sender<Snapshot>>(16);
+    let table = Table::new(cfg.max_ports as usize, config::ephemeral_range());
+    tasks.push(tokio::spawn(own_table(table, batch_rx, snap_rx)));
+
+    let handle = TableHandle(snap_tx);
+    let state = AppState {
+        table: handle.clone(),
+        reader: reader_stats.clone(),
+        drops: Arc::new(Mutex::new(loaded.drops)),
+        registry: metrics::process_registry(),
+        ring_bytes: u64::from(cfg.ring_bytes),
+    };
+    let stop = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = crate::http::serve(listener, state, stop).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+
+    Ok(Agent {
+        addr,
+        table: handle,
+        reader_stats,
+        shutdown,
+        tasks,
+        probe: loaded.probe,
+    })
+}
+
+impl Agent {
+    /// Stops every task, then detaches the program.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        }
+        drop(self.probe);
+        tracing::info!("detached; bye");
+    }
+}
+
+/// The one task that owns the table: applies batches in order, answers snapshot requests.
+async fn own_table(
+    mut table: Table,
+    mut batches: mpsc::Receiver<Batch>,
+    mut requests: mpsc::Receiver<oneshot::Sender<Snapshot>>,
+) {
+    loop {
+        tokio::select! {
+            batch = batches.recv() => match batch {
+                Some(batch) => batch.iter().for_each(|t| table.apply(t)),
+                None => return,
+            },
+            Some(reply) = requests.recv() => {
+                let _ = reply.send(table.snapshot());
+            }
+        }
+    }
+}

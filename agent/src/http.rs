@@ -1,0 +1,109 @@
+//! The HTTP server: `/metrics`, `/healthz` and a landing page.
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{Html, IntoResponse, Response},
+    routing::get,
+};
+use prometheus::Registry;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::bpf::Drops;
+use crate::metrics::{self, Sources};
+use crate::reader::ReaderStats;
+use crate::table::Snapshot;
+
+/// Asks the table task for a snapshot.
+#[derive(Clone)]
+pub struct TableHandle(pub mpsc::Sender<oneshot::Sender<Snapshot>>);
+
+impl TableHandle {
+    pub async fn snapshot(&self) -> Option<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(tx).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub table: TableHandle,
+    pub reader: Arc<ReaderStats>,
+    pub drops: Arc<Mutex<Drops>>,
+    pub registry: Registry,
+    pub ring_bytes: u64,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(landing))
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|&stop| stop).await;
+        })
+        .await
+}
+
+async fn landing() -> Html<&'static str> {
+    Html(concat!(
+        "<!doctype html><html><head><title>tcpstate</title></head><body>",
+        "<h1>tcpstate ",
+        env!("CARGO_PKG_VERSION"),
+        "</h1><p>TCP state transitions per service port.</p>",
+        "<ul><li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/healthz\">/healthz</a></li></ul>",
+        "</body></html>\n"
+    ))
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> Response {
+    let Some(snapshot) = s.table.snapshot().await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down\n",
+        )
+            .into_response();
+    };
+    let (events, lost_agent, decode_errors) = s.reader.load();
+    let lost_kernel = match s.drops.lock().map(|d| d.total()) {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading the kernel drop counter failed");
+            0
+        }
+        Err(_) => 0,
+    };
+    let sources = Sources {
+        snapshot,
+        events,
+        lost_kernel,
+        lost_agent,
+        decode_errors,
+        ring_bytes: s.ring_bytes,
+    };
+    let registry = s.registry.clone();
+    let body = tokio::task::spawn_blocking(move || metrics::render(&registry, &sources))
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}

@@ -1,0 +1,26 @@
+//! tcpstate: every TCP state transition on a host, per service port, as Prometheus metrics.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! ebpf (tracepoint) -> ring buffer -> reader -> decode -> table -> metrics -> http
+//! ```
+//!
+//! - [`tracefs`] finds tracefs and reads the tracepoint's field offsets, handed to the program.
+//! - [`bpf`] loads and attaches the program and owns its maps.
+//! - [`reader`] drains the ring buffer without blocking and counts what it cannot deliver.
+//! - [`decode`] turns ring records into [`decode::Transition`]s, pure and length-checked.
+//! - [`table`] is the connection table and per-port aggregates, owned by one task, no I/O.
+//! - [`metrics`] builds the Prometheus families from a table snapshot at scrape time.
+//! - [`http`] serves them; [`daemon`] wires it all and handles shutdown.
+pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod decode;
+pub mod http;
+pub mod metrics;
+pub mod privileges;
+pub mod reader;
+pub mod table;
+pub mod tracefs;

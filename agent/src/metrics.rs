@@ -1,0 +1,330 @@
+//! Prometheus exposition, built at scrape time from a [`Snapshot`] of the table and the
+//! pipeline's counters. Nothing here runs per event.
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, Registry, TextEncoder};
+use tcpstate_common::TcpState;
+
+use crate::table::{BUCKETS_SECONDS, Hist, Snapshot};
+
+/// Everything one scrape shows.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    pub snapshot: Snapshot,
+    /// Records read from the ring buffer.
+    pub events: u64,
+    /// Events the program could not put in the ring (full).
+    pub lost_kernel: u64,
+    /// Events the agent read but could not apply (table queue full).
+    pub lost_agent: u64,
+    pub decode_errors: u64,
+    pub ring_bytes: u64,
+}
+
+/// A registry with the process collector (CPU, memory, fds), for the process metrics.
+pub fn process_registry() -> Registry {
+    let registry = Registry::new();
+    let pc = prometheus::process_collector::ProcessCollector::for_self();
+    // Registration only fails on duplicate descriptors, impossible in a fresh registry.
+    let _ = registry.register(Box::new(pc));
+    registry
+}
+
+/// The text exposition of `sources` plus whatever `registry` gathers.
+pub fn render(registry: &Registry, sources: &Sources) -> String {
+    let mut families = families(sources);
+    families.extend(registry.gather());
+    let mut out = Vec::with_capacity(64 * 1024);
+    // Encoding into a Vec cannot fail for well-formed families, which these are by construction.
+    if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// The agent's own metric families. Empty families are left out (the encoder rejects them).
+pub fn families(s: &Sources) -> Vec<MetricFamily> {
+    let mut connections = family(
+        "tcpstate_connections",
+        "TCP sockets currently in each state, per service port and role (every state, 0 included).",
+        MetricType::GAUGE,
+    );
+    let mut transitions = family(
+        "tcpstate_transitions_total",
+        "TCP state transitions, per service port and role.",
+        MetricType::COUNTER,
+    );
+    let mut state_durations = family(
+        "tcpstate_state_duration_seconds",
+        "Time TCP sockets spent in a state, observed when they left it.",
+        MetricType::HISTOGRAM,
+    );
+    let mut lifetimes = family(
+        "tcpstate_connection_duration_seconds",
+        "Lifetime of TCP connections from open to close (only connections whose open the agent saw).",
+        MetricType::HISTOGRAM,
+    );
+
+    for (role, key, stats) in &s.snapshot.ports {
+        let port = key.label();
+        let role = role.label();
+        for state in TcpState::ALL {
+            connections.mut_metric().push(gauge(
+                &[("port", &port), ("role", role), ("state", state.label())],
+                stats.current[state.index()] as f64,
+            ));
+        }
+        for from in TcpState::ALL {
+            for to in TcpState::ALL {
+                let n = stats.transitions[from.index()][to.index()];
+                if n > 0 {
+                    transitions.mut_metric().push(counter(
+                        &[
+                            ("port", &port),
+                            ("role", role),
+                            ("from", from.label()),
+                            ("to", to.label()),
+                        ],
+                        n as f64,
+                    ));
+                }
+            }
+        }
+        for state in TcpState::ALL {
+            let h = &stats.state_durations[state.index()];
+            if h.count > 0 {
+                state_durations.mut_metric().push(histogram(
+                    &[("port", &port), ("role", role), ("state", state.label())],
+                    h,
+                ));
+            }
+        }
+        if stats.lifetimes.count > 0 {
+            lifetimes.mut_metric().push(histogram(
+                &[("port", &port), ("role", role)],
+                &stats.lifetimes,
+            ));
+        }
+    }
+
+    let mut events = family(
+        "tcpstate_events_total",
+        "TCP state transition events read from the kernel.",
+        MetricType::COUNTER,
+    );
+    events.mut_metric().push(counter(&[], s.events as f64));
+
+    let mut lost = family(
+        "tcpstate_events_lost_total",
+        "Transition events lost: stage=kernel when the ring buffer was full, stage=agent when the table could not keep up.",
+        MetricType::COUNTER,
+    );
+    lost.mut_metric()
+        .push(counter(&[("stage", "kernel")], s.lost_kernel as f64));
+    lost.mut_metric()
+        .push(counter(&[("stage", "agent")], s.lost_agent as f64));
+
+    let mut decode_errors = family(
+        "tcpstate_decode_errors_total",
+        "Ring buffer records that could not be decoded.",
+        MetricType::COUNTER,
+    );
+    decode_errors
+        .mut_metric()
+        .push(counter(&[], s.decode_errors as f64));
+
+    let mut tracked = family(
+        "tcpstate_tracked_sockets",
+        "TCP sockets in the agent's connection table.",
+        MetricType::GAUGE,
+    );
+    tracked
+        .mut_metric()
+        .push(gauge(&[], s.snapshot.tracked_sockets as f64));
+
+    let mut mismatches = family(
+        "tcpstate_table_inconsistencies_total",
+        "Transitions that did not follow from the table's state: kind=state_mismatch and kind=stale_socket mean events were lost, kind=first_seen_midlife counts sockets opened before the agent saw them.",
+        MetricType::COUNTER,
+    );
+    let c = s.snapshot.counters;
+    for (kind, n) in [
+        ("state_mismatch", c.state_mismatches),
+        ("stale_socket", c.stale_replaced),
+        ("first_seen_midlife", c.first_seen_midlife),
+    ] {
+        mismatches
+            .mut_metric()
+            .push(counter(&[("kind", kind)], n as f64));
+    }
+
+    let mut ring = family(
+        "tcpstate_ring_buffer_size_bytes",
+        "Size of the kernel-to-agent ring buffer.",
+        MetricType::GAUGE,
+    );
+    ring.mut_metric().push(gauge(&[], s.ring_bytes as f64));
+
+    let mut build = family(
+        "tcpstate_build_info",
+        "Build information of the running agent; the value is always 1.",
+        MetricType::GAUGE,
+    );
+    build.mut_metric().push(gauge(
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("revision", env!("TCPSTATE_REVISION")),
+            ("rustc", env!("TCPSTATE_RUSTC")),
+        ],
+        1.0,
+    ));
+
+    [
+        connections,
+        transitions,
+        state_durations,
+        lifetimes,
+        events,
+        lost,
+        decode_errors,
+        tracked,
+        mismatches,
+        ring,
+        build,
+    ]
+    .into_iter()
+    .filter(|f| !f.get_metric().is_empty())
+    .collect()
+}
+
+fn family(name: &str, help: &str, ty: MetricType) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(ty);
+    f
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+fn gauge(pairs: &[(&str, &str)], v: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(v);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_gauge(g);
+    m
+}
+
+fn counter(pairs: &[(&str, &str)], v: f64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(v);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+fn histogram(pairs: &[(&str, &str)], h: &Hist) -> Metric {
+    let cumulative = h.cumulative();
+    let buckets = BUCKETS_SECONDS
+        .iter()
+        .zip(cumulative)
+        .map(|(&bound, count)| {
+            let mut b = Bucket::default();
+            b.set_upper_bound(bound);
+            b.set_cumulative_count(count);
+            b
+        })
+        .collect();
+    let mut p = Histogram::default();
+    p.set_sample_count(h.count);
+    p.set_sample_sum(h.sum_seconds);
+    p.set_bucket(buckets);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_histogram(p);
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Transition;
+    use crate::table::{DEFAULT_EPHEMERAL, Table};
+    use TcpState::*;
+
+    fn sources() -> Sources {
+        let mut t = Table::new(16, DEFAULT_EPHEMERAL);
+        let mk = |ts, old, new, prev: Option<u64>| Transition {
+            ts_ns: ts,
+            sock: 1,
+            prev_state_ns: prev,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:8080".parse().unwrap(),
+            old,
+            new,
+            netns: 0,
+            pid: 1,
+        };
+        t.apply(&mk(0, Close, SynSent, None));
+        t.apply(&mk(1_000, SynSent, Established, Some(1_000)));
+        t.apply(&mk(400_001_000, Established, FinWait1, Some(400_000_000)));
+        Sources {
+            snapshot: t.snapshot(),
+            events: 3,
+            lost_kernel: 2,
+            lost_agent: 1,
+            decode_errors: 0,
+            ring_bytes: 1 << 22,
+        }
+    }
+
+    #[test]
+    fn renders_every_state_and_the_counters() {
+        let text = render(&Registry::new(), &sources());
+        for state in TcpState::ALL {
+            let line = format!(
+                "tcpstate_connections{{port=\"8080\",role=\"client\",state=\"{}\"}}",
+                state.label()
+            );
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        assert!(text.contains(
+            "tcpstate_connections{port=\"8080\",role=\"client\",state=\"fin_wait1\"} 1\n"
+        ));
+        assert!(text.contains(
+            "tcpstate_transitions_total{port=\"8080\",role=\"client\",from=\"established\",to=\"fin_wait1\"} 1\n"
+        ));
+        assert!(text.contains("tcpstate_events_lost_total{stage=\"kernel\"} 2\n"));
+        assert!(text.contains("tcpstate_events_lost_total{stage=\"agent\"} 1\n"));
+        assert!(text.contains("tcpstate_tracked_sockets 1\n"));
+        assert!(text.contains("tcpstate_build_info{version=\""));
+    }
+
+    #[test]
+    fn histograms_are_cumulative_with_inf() {
+        let text = render(&Registry::new(), &sources());
+        let prefix = "tcpstate_state_duration_seconds_bucket{port=\"8080\",role=\"client\",state=\"established\"";
+        assert!(
+            text.contains(&format!("{prefix},le=\"0.25\"}} 0\n")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{prefix},le=\"0.5\"}} 1\n")));
+        assert!(text.contains(&format!("{prefix},le=\"3600\"}} 1\n")));
+        assert!(text.contains(&format!("{prefix},le=\"+Inf\"}} 1\n")));
+        assert!(text.contains(
+            "tcpstate_state_duration_seconds_count{port=\"8080\",role=\"client\",state=\"established\"} 1\n"
+        ));
+        // No connection closed yet: the lifetime family is absent rather than empty.
+        assert!(!text.contains("tcpstate_connection_duration_seconds"));
+    }
+}
