@@ -1,1 +1,349 @@
-fn main() {}
+//! Project tasks: `cargo xtask <setup|build|run|test|bench>`.
+//!
+//! Std only, so that it builds in seconds on a fresh machine before anything else is installed.
+//! Every step is idempotent: it checks before it installs.
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+mod bench;
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+const USAGE: &str = "usage: cargo xtask <command> [args]
+
+commands:
+  setup            install what the build and tests need (idempotent)
+  build            setup, then build target/release/tcpstate
+  run [ARGS...]    setup, build, run `tcpstate agent ARGS...` (default: all interfaces, port 10610)
+  test             setup, build, fmt and clippy checks, every unit and integration test
+  bench [ARGS...]  setup, build, run the churn benchmark (see `cargo xtask bench --help`)
+";
+
+/// Debian packages the tests and the agent use: `ss` and `ip` (iproute2), `promtool` and
+/// `prometheus` (prometheus), `setpriv` (util-linux).
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("ss", "iproute2"),
+    ("ip", "iproute2"),
+    ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("setpriv", "util-linux"),
+];
+
+/// The bpf-linker release built against the eBPF toolchain's own LLVM.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let (cmd, rest) = match args.split_first() {
+        Some((c, r)) => (c.as_str(), r),
+        None => {
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cmd {
+        "setup" => setup().map(|_| ()),
+        "build" => setup().and_then(|env| build(&env)),
+        "run" => setup().and_then(|env| {
+            build(&env)?;
+            run(rest)
+        }),
+        "test" => setup().and_then(|env| test(&env)),
+        "bench" => setup().and_then(|env| {
+            build(&env)?;
+            bench::main(&root(), rest)
+        }),
+        // Internal: the benchmark's churn loop, run inside its network namespace.
+        "churn-worker" => bench::worker(rest),
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            eprintln!("xtask: unknown command `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Runs a command, echoing it, and fails with its name when it fails.
+fn sh(cmd: &mut Command) -> Result {
+    eprintln!("xtask: $ {}", show(cmd));
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", show(cmd)))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{}` failed ({status})", show(cmd)))
+    }
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", show(cmd)))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{}` failed: {}",
+            show(cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().to_string();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Environment the builds need (which toolchain builds the eBPF crate).
+#[derive(Default)]
+struct BuildEnv {
+    vars: Vec<(String, String)>,
+}
+
+impl BuildEnv {
+    fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        for (k, v) in &self.vars {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+}
+
+/// Installs what is missing: rust-src for the eBPF toolchain, bpf-linker built against that
+/// toolchain's LLVM, and the Debian packages the tests use.
+fn setup() -> Result<BuildEnv> {
+    let mut benv = BuildEnv::default();
+
+    // The eBPF crate needs `-Z build-std=core`: nightly, or stable with RUSTC_BOOTSTRAP=1.
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    let toolchain = if toolchains.lines().any(|l| l.starts_with("nightly")) {
+        "nightly"
+    } else {
+        eprintln!(
+            "xtask: no nightly toolchain: building the eBPF crate with stable and RUSTC_BOOTSTRAP=1"
+        );
+        benv.vars
+            .push(("TCPSTATE_EBPF_TOOLCHAIN".into(), "stable".into()));
+        benv.vars.push(("RUSTC_BOOTSTRAP".into(), "1".into()));
+        "stable"
+    };
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{toolchain}"))
+            .args(["--print", "sysroot"]),
+    )?;
+    let sysroot = PathBuf::from(sysroot);
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        sh(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            toolchain,
+        ]))?;
+    }
+
+    ensure_bpf_linker(toolchain, &sysroot)?;
+
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            return Err(format!(
+                "missing Debian packages {missing:?}: run `cargo xtask setup` as root, or `apt-get install {}`",
+                missing.join(" ")
+            ));
+        }
+        let mut pkgs = missing.clone();
+        pkgs.dedup();
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(benv)
+}
+
+/// bpf-linker must link against the same LLVM the eBPF toolchain's rustc uses; the only LLVM of
+/// that version here is the toolchain's own `libLLVM`, so point `LLVM_PREFIX` at it.
+fn ensure_bpf_linker(toolchain: &str, sysroot: &Path) -> Result {
+    // It links libLLVM dynamically from the toolchain's lib dir, which `rustup run` puts on the
+    // loader path (as it does when aya-build runs the eBPF build), so check it the same way.
+    if let Ok(v) =
+        output(Command::new("rustup").args(["run", toolchain, "bpf-linker", "--version"]))
+        && v.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
+    }
+    let verbose = output(
+        Command::new("rustc")
+            .arg(format!("+{toolchain}"))
+            .arg("-vV"),
+    )?;
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .ok_or("cannot read the LLVM version from `rustc -vV`")?
+        .to_string();
+    let libdir = sysroot.join("lib");
+    let lib = std::fs::read_dir(&libdir)
+        .map_err(|e| format!("cannot list {}: {e}", libdir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| format!("no libLLVM.so.* in {}", libdir.display()))?;
+    let home = env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let prefix = PathBuf::from(home).join(".cache/tcpstate/llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))
+        .map_err(|e| format!("{}: {e}", prefix.display()))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&lib, &link).map_err(|e| format!("{}: {e}", link.display()))?;
+    sh(Command::new("cargo")
+        .args([
+            "install",
+            "--force",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn build(benv: &BuildEnv) -> Result {
+    sh(benv.apply(
+        Command::new("cargo")
+            .current_dir(root())
+            .args(["build", "--release", "--bins"]),
+    ))
+}
+
+fn run(args: &[String]) -> Result {
+    let bin = root().join("target/release/tcpstate");
+    if !is_root() {
+        eprintln!("xtask: not root: the agent needs CAP_BPF and CAP_PERFMON and will say so");
+    }
+    sh(Command::new(bin).arg("agent").args(args))
+}
+
+fn test(benv: &BuildEnv) -> Result {
+    let root = root();
+    sh(Command::new("cargo")
+        .current_dir(&root)
+        .args(["fmt", "--all", "--", "--check"]))?;
+    sh(benv.apply(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])))?;
+    if !is_root() {
+        return Err(
+            "the integration tests load eBPF programs and create network namespaces: run `cargo xtask test` as root"
+                .into(),
+        );
+    }
+    let mut cmd = Command::new("cargo");
+    benv.apply(&mut cmd).current_dir(&root).args([
+        "test",
+        "--release",
+        "--workspace",
+        "--no-fail-fast",
+    ]);
+    let (passed, failed) = run_counting_tests(&mut cmd)?;
+    // Cargo's last line is often a doc-test binary with nothing in it: close on the total.
+    println!("tests: {passed} passed, {failed} failed");
+    if passed == 0 {
+        return Err("no test ran".into());
+    }
+    Ok(())
+}
+
+/// Runs a test command, echoing its output, and sums cargo's `test result:` lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::BufRead;
+    eprintln!("xtask: $ {}", show(cmd));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", show(cmd)))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped");
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        println!("{line}");
+        // `test result: ok. 7 passed; 0 failed; 0 ignored; ...`
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(['.', ';'])
+                    .find_map(|p| p.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if !status.success() {
+        println!("tests: {passed} passed, {failed} failed");
+        return Err(format!("`{}` failed ({status})", show(cmd)));
+    }
+    Ok((passed, failed))
+}

@@ -1,0 +1,514 @@
+//! The real eBPF program against the real kernel: real sockets in network namespaces of the
+//! tests' own, on ports of their own, compared with `ss`. Needs root; fails (never skips)
+//! without it.
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tcpstate::decode::Transition;
+use tcpstate::{bpf, reader, tracefs};
+use tcpstate_common::TcpState::{self, *};
+
+/// Sockets a scenario holds open, so their states stay put until the test drops them.
+struct Held {
+    _listener: TcpListener,
+    _streams: Vec<TcpStream>,
+}
+
+fn connect_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, server)
+}
+
+/// On one port: 3 pairs ESTABLISHED; 2 where the client shut down its write side (client
+/// FIN_WAIT2, server CLOSE_WAIT: a server that never closes after EOF); 2 the other way round
+/// (server FIN_WAIT2, client CLOSE_WAIT). Nothing is orphaned, so nothing becomes a timewait
+/// socket the tracepoint cannot see.
+fn mixed_states(ip: &str, port: u16) -> Held {
+    let listener = TcpListener::bind((ip, port)).unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let (c, s) = connect_pair(&listener);
+        streams.extend([c, s]);
+    }
+    for _ in 0..2 {
+        let (c, s) = connect_pair(&listener);
+        c.shutdown(Shutdown::Write).unwrap();
+        streams.extend([c, s]);
+    }
+    for _ in 0..2 {
+        let (c, s) = connect_pair(&listener);
+        s.shutdown(Shutdown::Write).unwrap();
+        streams.extend([c, s]);
+    }
+    Held {
+        _listener: listener,
+        _streams: streams,
+    }
+}
+
+fn key(role: &str, state: &str) -> (String, String) {
+    (role.to_string(), state.to_string())
+}
+
+#[test]
+fn connection_counts_equal_ss_for_both_roles_over_ipv4_and_ipv6() {
+    require_root();
+    let ns = Netns::new("cmp");
+    let agent = AgentProc::start(&[]);
+    let ports = [("127.0.0.1", 7101u16), ("::1", 7102u16)];
+    let _held: Vec<Held> = ports
+        .iter()
+        .map(|&(ip, port)| ns.enter(|| mixed_states(ip, port)))
+        .collect();
+
+    let expected: BTreeMap<_, _> = [
+        (key("server", "listen"), 1),
+        (key("server", "established"), 3),
+        (key("client", "established"), 3),
+        (key("client", "fin_wait2"), 2),
+        (key("server", "close_wait"), 2),
+        (key("server", "fin_wait2"), 2),
+        (key("client", "close_wait"), 2),
+    ]
+    .into_iter()
+    .collect();
+    for (_, port) in ports {
+        eventually(Duration::from_secs(5), || {
+            let ss = ns.ss_counts(port);
+            let ours = agent_counts(&agent.metrics(), port);
+            if ss != expected {
+                return Err(format!(
+                    "port {port}: ss shows {ss:?}, the scenario wants {expected:?}"
+                ));
+            }
+            if ours != ss {
+                return Err(format!(
+                    "port {port}: tcpstate says {ours:?}, ss says {ss:?}"
+                ));
+            }
+            Ok(())
+        });
+    }
+    // Every state is exported for a tracked port, zeros included.
+    let text = agent.metrics();
+    for state in TcpState::ALL {
+        for role in ["server", "client"] {
+            let v = value(
+                &text,
+                "tcpstate_connections",
+                &[("port", "7101"), ("role", role), ("state", state.label())],
+            );
+            assert!(
+                v.is_some(),
+                "no tcpstate_connections for {role} {}",
+                state.label()
+            );
+        }
+    }
+}
+
+/// The in-process pipeline: program, ring buffer, reader; returns every transition on `ports`
+/// seen while `scenario` runs, grouped by socket in arrival order.
+fn transitions_during(
+    ports: &[u16],
+    scenario: impl FnOnce(),
+    done: impl Fn(&BTreeMap<u64, Vec<Transition>>) -> bool,
+) -> BTreeMap<u64, Vec<Transition>> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let layout = tracefs::read_layout(&tracefs::locate(None).unwrap()).unwrap();
+    let loaded = bpf::load(
+        layout,
+        &bpf::Options {
+            ring_bytes: 1 << 20,
+            max_sockets: 4096,
+            wakeup_bytes: 1 << 18,
+        },
+    )
+    .expect("load and attach the eBPF program");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stats = Arc::new(reader::ReaderStats::default());
+    let reader = rt.spawn(reader::run(
+        loaded.events,
+        tx,
+        stats.clone(),
+        Duration::from_millis(10),
+        stop_rx,
+    ));
+
+    scenario();
+
+    let mut by_sock: BTreeMap<u64, Vec<Transition>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done(&by_sock) && Instant::now() < deadline {
+        let batch = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(200), rx.recv())
+                .await
+                .ok()
+                .flatten()
+        });
+        for t in batch.into_iter().flatten() {
+            if ports.contains(&t.local.port()) || ports.contains(&t.remote.port()) {
+                by_sock.entry(t.sock).or_default().push(t);
+            }
+        }
+    }
+    stop_tx.send(true).unwrap();
+    rt.block_on(reader).unwrap().unwrap();
+    let (_, lost, decode_errors) = stats.load();
+    assert_eq!(
+        (lost, decode_errors),
+        (0, 0),
+        "the reader lost or failed to decode events"
+    );
+    drop(loaded.probe);
+    by_sock
+}
+
+fn states(ts: &[Transition]) -> Vec<(TcpState, TcpState)> {
+    ts.iter().map(|t| (t.old, t.new)).collect()
+}
+
+/// Client closes first; the server reads EOF and closes.
+fn close_client_first(ip: &str, port: u16) {
+    let listener = TcpListener::bind((ip, port)).unwrap();
+    let (client, mut server) = connect_pair(&listener);
+    drop(client);
+    let mut buf = [0u8; 1];
+    assert_eq!(server.read(&mut buf).unwrap(), 0, "the server reads EOF");
+    drop(server);
+    // Give the last ACK time to arrive before the listener goes.
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+#[test]
+fn every_transition_arrives_in_order_on_both_ends() {
+    require_root();
+    let ns = Netns::new("order");
+    let ports = [7201u16, 7202];
+    let client_seq = [
+        (Close, SynSent),
+        (SynSent, Established),
+        (Established, FinWait1),
+        (FinWait1, FinWait2),
+        (FinWait2, Close),
+    ];
+    let server_seq = [
+        (Listen, SynRecv),
+        (SynRecv, Established),
+        (Established, CloseWait),
+        (CloseWait, LastAck),
+        (LastAck, Close),
+    ];
+    let complete = |m: &BTreeMap<u64, Vec<Transition>>| {
+        // Two connections and two listeners, each closed.
+        m.values()
+            .filter(|v| v.last().is_some_and(|t| t.new == Close))
+            .count()
+            >= 6
+    };
+    let by_sock = transitions_during(
+        &ports,
+        || {
+            ns.enter(|| close_client_first("127.0.0.1", ports[0]));
+            ns.enter(|| close_client_first("::1", ports[1]));
+        },
+        complete,
+    );
+
+    for port in ports {
+        let client: Vec<_> = by_sock
+            .values()
+            .filter(|v| v[0].old == Close && v[0].new == SynSent && v[0].remote.port() == port)
+            .collect();
+        let server: Vec<_> = by_sock
+            .values()
+            .filter(|v| v[0].old == Listen && v[0].new == SynRecv && v[0].local.port() == port)
+            .collect();
+        assert_eq!(
+            client.len(),
+            1,
+            "port {port}: one client socket in {by_sock:#?}"
+        );
+        assert_eq!(
+            server.len(),
+            1,
+            "port {port}: one server socket in {by_sock:#?}"
+        );
+        assert_eq!(
+            states(client[0]),
+            client_seq,
+            "port {port}: client transitions"
+        );
+        assert_eq!(
+            states(server[0]),
+            server_seq,
+            "port {port}: server transitions"
+        );
+        for t in client[0].iter().chain(server[0].iter()).skip(1) {
+            if !(t.old == Listen || t.old == Close) {
+                assert!(
+                    t.prev_state_ns.is_some(),
+                    "no time in {:?} for {t:?}",
+                    t.old
+                );
+            }
+        }
+        // The tuple is complete from ESTABLISHED on and the two ends mirror each other.
+        let c = &client[0][1];
+        let s = &server[0][1];
+        assert_eq!(c.local, s.remote, "port {port}");
+        assert_eq!(c.remote, s.local, "port {port}");
+        assert_eq!(c.remote.port(), port);
+        let want_v6 = port == ports[1];
+        assert_eq!(c.local.is_ipv6(), want_v6, "port {port}: family");
+        // The open event of the client runs in the connecting task: its pid is ours.
+        assert_eq!(
+            client[0][0].pid,
+            std::process::id(),
+            "port {port}: connect() pid"
+        );
+    }
+}
+
+#[test]
+fn an_established_hold_of_300ms_shows_in_the_state_duration() {
+    require_root();
+    let ns = Netns::new("dur");
+    let agent = AgentProc::start(&[]);
+    let port = 7301u16;
+    ns.enter(|| {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let (client, mut server) = connect_pair(&listener);
+        std::thread::sleep(Duration::from_millis(300));
+        drop(client);
+        let mut buf = [0u8; 1];
+        let _ = server.read(&mut buf);
+        drop(server);
+    });
+    let p = port.to_string();
+    for role in ["client", "server"] {
+        let want = [
+            ("port", p.as_str()),
+            ("role", role),
+            ("state", "established"),
+        ];
+        let text = eventually(Duration::from_secs(5), || {
+            let text = agent.metrics();
+            match value(&text, "tcpstate_state_duration_seconds_count", &want) {
+                Some(n) if n >= 1.0 => Ok(text),
+                other => Err(format!("{role}: established duration count is {other:?}")),
+            }
+        });
+        let sum = value(&text, "tcpstate_state_duration_seconds_sum", &want).unwrap();
+        assert!(sum >= 0.3, "{role}: {sum} s in ESTABLISHED, held 0.3 s");
+        assert!(sum < 5.0, "{role}: {sum} s in ESTABLISHED is implausible");
+        let mut le = want.to_vec();
+        le.push(("le", "0.25"));
+        assert_eq!(
+            value(&text, "tcpstate_state_duration_seconds_bucket", &le),
+            Some(0.0),
+            "{role}: nothing may land at or below 0.25 s"
+        );
+    }
+    // The whole connection's lifetime is recorded too, at least the hold.
+    let text = agent.metrics();
+    let life = value(
+        &text,
+        "tcpstate_connection_duration_seconds_sum",
+        &[("port", p.as_str()), ("role", "client")],
+    );
+    assert!(life.is_some_and(|s| s >= 0.3), "client lifetime {life:?}");
+}
+
+#[test]
+fn the_metrics_pass_promtool() {
+    require_root();
+    let ns = Netns::new("prom");
+    let agent = AgentProc::start(&[]);
+    let _held = ns.enter(|| mixed_states("127.0.0.1", 7401));
+    ns.enter(|| close_client_first("127.0.0.1", 7402));
+    let text = eventually(Duration::from_secs(5), || {
+        let text = agent.metrics();
+        if value(
+            &text,
+            "tcpstate_connection_duration_seconds_count",
+            &[("port", "7402")],
+        )
+        .is_some()
+        {
+            Ok(text)
+        } else {
+            Err("no closed connection on port 7402 yet".into())
+        }
+    });
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed: {said}"
+    );
+    assert!(said.trim().is_empty(), "promtool warns: {said}");
+    for family in [
+        "tcpstate_connections",
+        "tcpstate_transitions_total",
+        "tcpstate_state_duration_seconds",
+        "tcpstate_connection_duration_seconds",
+        "tcpstate_events_total",
+        "tcpstate_events_lost_total",
+        "tcpstate_decode_errors_total",
+        "tcpstate_tracked_sockets",
+        "tcpstate_build_info",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing"
+        );
+    }
+    assert!(value(&text, "tcpstate_events_total", &[]).unwrap() > 0.0);
+}
+
+#[test]
+fn sigint_and_sigterm_detach_and_exit_zero() {
+    require_root();
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        let agent = AgentProc::start(&[]);
+        let status = agent.stop_with(signal);
+        assert!(status.success(), "{signal}: exit status {status}");
+    }
+}
+
+/// Runs the agent binary with `args`, expecting it to fail at start.
+fn failing_start(prefix: &[&str], args: &[&str]) -> (i32, String) {
+    let bin = env!("CARGO_BIN_EXE_tcpstate");
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let out = cmd
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tcpstate");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
+    require_root();
+    let listen = format!("127.0.0.1:{}", free_port());
+
+    let (code, err) = failing_start(&[], &["agent", "--ring-size", "3MiB"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--ring-size") && err.contains("power of two"),
+        "{err}"
+    );
+
+    let (code, err) = failing_start(
+        &[],
+        &["agent", "--listen", &listen, "--tracefs", "/nonexistent"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("/nonexistent") && err.contains("--tracefs"),
+        "{err}"
+    );
+
+    // A tracefs without the tracepoint: a kernel that lacks it.
+    let fake = std::env::temp_dir().join(format!("tcpstate-fake-tracefs-{}", std::process::id()));
+    std::fs::create_dir_all(fake.join("events/sock")).unwrap();
+    let (code, err) = failing_start(
+        &[],
+        &[
+            "agent",
+            "--listen",
+            &listen,
+            "--tracefs",
+            fake.to_str().unwrap(),
+        ],
+    );
+    std::fs::remove_dir_all(&fake).unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no tracepoint sock:inet_sock_set_state"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    // The listen address is taken.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr: SocketAddr = taken.local_addr().unwrap();
+    let (code, err) = failing_start(&[], &["agent", "--listen", &addr.to_string()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot listen") && err.contains("--listen"),
+        "{err}"
+    );
+}
+
+#[test]
+fn without_privileges_the_agent_names_the_missing_capability() {
+    require_root();
+    // A copy any user can run, whatever the permissions of the checkout.
+    let dir = std::env::temp_dir().join(format!("tcpstate-unpriv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("tcpstate");
+    std::fs::copy(env!("CARGO_BIN_EXE_tcpstate"), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg(&bin)
+        .args(["agent", "--listen", &listen])
+        .output()
+        .expect("setpriv (util-linux)");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("missing capability CAP_BPF"), "{err}");
+    assert!(err.contains("run tcpstate as root"), "{err}");
+}

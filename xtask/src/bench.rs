@@ -1,0 +1,282 @@
+//! `cargo xtask bench`: loopback churn without and with the agent attached.
+//!
+//! One thread connects, accepts, and closes (client first, server after reading EOF), about ten
+//! transitions per connection: client CLOSE->SYN_SENT->ESTABLISHED->FIN_WAIT1->FIN_WAIT2->CLOSE,
+//! server LISTEN->SYN_RECV->ESTABLISHED->CLOSE_WAIT->LAST_ACK->CLOSE. It runs in a network
+//! namespace of its own so its TIME_WAIT sockets and port range touch nothing else. Rounds
+//! without and with the agent are interleaved; the report gives the median throughput ratio,
+//! the agent's CPU seconds per million transitions, losses, and peak RSS.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Result, output, sh};
+
+const NETNS: &str = "tcpstate-bench";
+const CHURN_PORT: u16 = 7900;
+const AGENT_LISTEN: &str = "127.0.0.1:10690";
+
+const HELP: &str = "usage: cargo xtask bench [--connections N] [--rounds R] [-- AGENT_ARGS...]
+
+  --connections N  connections per round (default 20000, ten transitions each)
+  --rounds R       rounds of each kind, interleaved (default 5)
+  AGENT_ARGS       extra flags for `tcpstate agent`, e.g. -- --ring-size 1MiB
+";
+
+pub fn main(root: &Path, args: &[String]) -> Result {
+    let mut connections = 20_000u64;
+    let mut rounds = 5usize;
+    let mut agent_args: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--connections" => connections = num(it.next(), "--connections")?,
+            "--rounds" => rounds = num(it.next(), "--rounds")? as usize,
+            "--" => agent_args.extend(it.by_ref().cloned()),
+            "-h" | "--help" => {
+                print!("{HELP}");
+                return Ok(());
+            }
+            other => return Err(format!("bench: unknown argument `{other}`\n{HELP}")),
+        }
+    }
+    if !crate::is_root() {
+        return Err(
+            "the benchmark loads the agent and creates a network namespace: run it as root".into(),
+        );
+    }
+    let xtask = std::env::current_exe().map_err(|e| e.to_string())?;
+    let agent_bin = root.join("target/release/tcpstate");
+
+    let _ = Command::new("ip")
+        .args(["netns", "del", NETNS])
+        .stderr(Stdio::null())
+        .status();
+    sh(Command::new("ip").args(["netns", "add", NETNS]))?;
+    let _cleanup = NetnsGuard;
+    sh(Command::new("ip").args(["-n", NETNS, "link", "set", "lo", "up"]))?;
+    sh(Command::new("ip").args([
+        "netns",
+        "exec",
+        NETNS,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ip_local_port_range=1024 65000",
+    ]))?;
+
+    let churn = |n: u64| -> Result<f64> {
+        let out = output(
+            Command::new("ip")
+                .args(["netns", "exec", NETNS])
+                .arg(&xtask)
+                .args(["churn-worker", &n.to_string(), &CHURN_PORT.to_string()]),
+        )?;
+        out.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("churn worker said `{out}`"))
+    };
+
+    // Warm up caches, the namespace's port space and the page cache of the binaries.
+    churn(connections / 4)?;
+
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    let mut cpu_s = 0.0;
+    let mut events = 0u64;
+    let mut lost_kernel = 0u64;
+    let mut lost_agent = 0u64;
+    let mut peak_rss_kib = 0u64;
+    for round in 0..rounds {
+        let secs = churn(connections)?;
+        without.push(connections as f64 / secs);
+
+        let agent = Agent::start(&agent_bin, &agent_args)?;
+        let before = agent.metrics()?;
+        let cpu0 = agent.cpu_seconds()?;
+        let secs = churn(connections)?;
+        // Let the reader's drain timer take the tail of the ring.
+        std::thread::sleep(Duration::from_millis(300));
+        let cpu1 = agent.cpu_seconds()?;
+        let after = agent.metrics()?;
+        peak_rss_kib = peak_rss_kib.max(agent.peak_rss_kib()?);
+        agent.stop()?;
+        with.push(connections as f64 / secs);
+        cpu_s += cpu1 - cpu0;
+        events +=
+            metric(&after, "tcpstate_events_total") - metric(&before, "tcpstate_events_total");
+        lost_kernel += metric(&after, "tcpstate_events_lost_total{stage=\"kernel\"}");
+        lost_agent += metric(&after, "tcpstate_events_lost_total{stage=\"agent\"}");
+        eprintln!(
+            "bench: round {}: without {:.0} conn/s, with {:.0} conn/s",
+            round + 1,
+            without[round],
+            with[round]
+        );
+    }
+
+    let ratios: Vec<f64> = with.iter().zip(&without).map(|(w, wo)| w / wo).collect();
+    let expected = connections * rounds as u64 * 10;
+    let transitions = events.max(1);
+    println!("## churn benchmark: {connections} connections x {rounds} rounds per side");
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| throughput without agent (median) | {:.0} conn/s |",
+        median(&without)
+    );
+    println!(
+        "| throughput with agent (median) | {:.0} conn/s |",
+        median(&with)
+    );
+    println!(
+        "| throughput ratio with/without (median of rounds) | {:.3} |",
+        median(&ratios)
+    );
+    println!(
+        "| transitions seen / expected | {events} / {expected} ({:.0} per second at the median) |",
+        median(&with) * 10.0
+    );
+    println!(
+        "| agent CPU per million transitions | {:.3} s |",
+        cpu_s / transitions as f64 * 1e6
+    );
+    println!("| events lost in the kernel (ring full) | {lost_kernel} |");
+    println!("| events lost in the agent | {lost_agent} |");
+    println!(
+        "| agent peak RSS | {:.1} MiB |",
+        peak_rss_kib as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// `xtask churn-worker N PORT`: runs N connections on 127.0.0.1:PORT, prints seconds taken.
+pub fn worker(args: &[String]) -> Result {
+    let n: u64 = num(args.first(), "N")?;
+    let port: u16 = num(args.get(1), "PORT")? as u16;
+    let listener =
+        TcpListener::bind(("127.0.0.1", port)).map_err(|e| format!("bind {port}: {e}"))?;
+    let start = Instant::now();
+    let mut buf = [0u8; 1];
+    for _ in 0..n {
+        let client =
+            TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+        let (mut server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        drop(client);
+        // Wait for the client's FIN so the server goes CLOSE_WAIT -> LAST_ACK.
+        let _ = server.read(&mut buf);
+        drop(server);
+    }
+    println!("{}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+struct NetnsGuard;
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
+    }
+}
+
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn start(bin: &Path, extra: &[String]) -> Result<Agent> {
+        let child = Command::new(bin)
+            .args(["agent", "--listen", AGENT_LISTEN, "--log-level", "warn"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let mut agent = Agent { child };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = agent.child.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("the agent exited during start: {status}"));
+            }
+            if agent.metrics().is_ok() {
+                return Ok(agent);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("the agent did not serve /metrics within 15 s".into())
+    }
+
+    fn metrics(&self) -> Result<String> {
+        let mut s = TcpStream::connect(AGENT_LISTEN).map_err(|e| e.to_string())?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+        body.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .ok_or_else(|| "malformed HTTP reply".to_string())
+    }
+
+    fn cpu_seconds(&self) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .map_err(|e| e.to_string())?;
+        // Fields after the command name, which is in parentheses and may contain spaces.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
+        let hz: f64 = output(Command::new("getconf").arg("CLK_TCK"))?
+            .parse()
+            .unwrap_or(100.0);
+        Ok(ticks / hz)
+    }
+
+    fn peak_rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .map_err(|e| e.to_string())?;
+        Ok(status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    fn stop(mut self) -> Result {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("the agent exited with {status} on SIGTERM"));
+        }
+        Ok(())
+    }
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return 0.0;
+    }
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn num(v: Option<&String>, what: &str) -> Result<u64> {
+    v.ok_or_else(|| format!("{what} needs a number"))?
+        .parse()
+        .map_err(|_| format!("{what} needs a number"))
+}
