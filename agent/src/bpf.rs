@@ -92,7 +92,6 @@ pub fn load(layout: Layout, opts: &Options) -> Result<Loaded, BpfError> {
     let config = Config {
         layout,
         wakeup_bytes: opts.wakeup_bytes,
-        _pad: 0,
     };
     let mut ebpf = EbpfLoader::new()
         .override_global(CONFIG_GLOBAL, &config, true)

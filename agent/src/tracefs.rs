@@ -5,7 +5,7 @@
 //! eBPF program as a global before load.
 use std::path::{Path, PathBuf};
 
-use tcpstate_common::{Layout, TRACEPOINT_CATEGORY, TRACEPOINT_NAME};
+use tcpstate_common::{Layout, MAX_SPAN, TRACEPOINT_CATEGORY, TRACEPOINT_NAME};
 use thiserror::Error;
 
 /// Where tracefs normally lives, and where the agent mounts it when it is missing.
@@ -48,6 +48,8 @@ pub enum FormatError {
     },
     #[error("field `{field}` has offset {offset}, beyond what the program reads")]
     Offset { field: &'static str, offset: u32 },
+    #[error("the fields span {len} bytes, more than the {MAX_SPAN} the program copies")]
+    Span { len: u32 },
     #[error("line {line}: cannot read `{text}`")]
     Syntax { line: usize, text: String },
 }
@@ -181,7 +183,7 @@ pub fn parse_format(text: &str) -> Result<Layout, FormatError> {
     };
 
     let (protocol, protocol_size) = find("protocol", &[1, 2], "1 or 2")?;
-    Ok(Layout {
+    let mut layout = Layout {
         skaddr: find("skaddr", &[8], "8")?.0,
         oldstate: find("oldstate", &[4], "4")?.0,
         newstate: find("newstate", &[4], "4")?.0,
@@ -194,7 +196,25 @@ pub fn parse_format(text: &str) -> Result<Layout, FormatError> {
         daddr: find("daddr", &[4], "4")?.0,
         saddr_v6: find("saddr_v6", &[16], "16")?.0,
         daddr_v6: find("daddr_v6", &[16], "16")?.0,
-    })
+        span_start: 0,
+        span_len: 0,
+    };
+    // The span from the first to the end of the last field the program reads: one copy.
+    let needed = [
+        "skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol", "saddr", "daddr",
+        "saddr_v6", "daddr_v6",
+    ];
+    let spans = fields
+        .iter()
+        .filter(|(n, _, _)| needed.contains(&n.as_str()));
+    let start = spans.clone().map(|(_, o, _)| *o).min().unwrap_or(0);
+    let end = spans.map(|(_, o, s)| o + s).max().unwrap_or(0);
+    if (end - start) as usize > MAX_SPAN {
+        return Err(FormatError::Span { len: end - start });
+    }
+    layout.span_start = start as u16;
+    layout.span_len = (end - start) as u16;
+    Ok(layout)
 }
 
 #[cfg(test)]
@@ -284,6 +304,8 @@ print fmt: \"family=%s protocol=%s\", REC->family, REC->protocol
                 daddr: 36,
                 saddr_v6: 40,
                 daddr_v6: 56,
+                span_start: 8,
+                span_len: 64,
             }
         );
     }
@@ -293,6 +315,7 @@ print fmt: \"family=%s protocol=%s\", REC->family, REC->protocol
         let l = parse_format(BEFORE_5_6).unwrap();
         assert_eq!((l.protocol, l.protocol_size), (30, 1));
         assert_eq!((l.saddr, l.daddr, l.saddr_v6, l.daddr_v6), (31, 35, 39, 55));
+        assert_eq!((l.span_start, l.span_len), (8, 63));
     }
 
     #[test]
@@ -300,6 +323,7 @@ print fmt: \"family=%s protocol=%s\", REC->family, REC->protocol
         let l = parse_format(EXTRA_COMMON).unwrap();
         assert_eq!((l.skaddr, l.oldstate, l.newstate), (16, 24, 28));
         assert_eq!((l.protocol, l.protocol_size, l.daddr_v6), (38, 2, 64));
+        assert_eq!((l.span_start, l.span_len), (16, 64));
     }
 
     #[test]

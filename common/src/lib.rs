@@ -45,7 +45,14 @@ pub struct Layout {
     pub daddr: u16,
     pub saddr_v6: u16,
     pub daddr_v6: u16,
+    /// Start of the span holding every field above; the program reads it with one helper call.
+    pub span_start: u16,
+    /// Length of that span, at most [`MAX_SPAN`].
+    pub span_len: u16,
 }
+
+/// Largest span of the record the program copies at once (its stack buffer).
+pub const MAX_SPAN: usize = 128;
 
 impl Layout {
     /// All zero; the program's compiled-in value, always overridden by the agent before load.
@@ -62,6 +69,8 @@ impl Layout {
         daddr: 0,
         saddr_v6: 0,
         daddr_v6: 0,
+        span_start: 0,
+        span_len: 0,
     };
 }
 
@@ -73,14 +82,12 @@ pub struct Config {
     /// Wake the reader only once this many bytes are waiting in the ring; below that the
     /// agent drains on its own timer. A per-event wakeup costs more than the event itself.
     pub wakeup_bytes: u32,
-    pub _pad: u32,
 }
 
 impl Config {
     pub const ZERO: Config = Config {
         layout: Layout::ZERO,
         wakeup_bytes: 0,
-        _pad: 0,
     };
 }
 

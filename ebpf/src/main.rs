@@ -13,14 +13,15 @@
 #[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::{
+        EbpfContext as _,
         bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-        helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+        helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
         macros::{map, tracepoint},
         maps::{LruHashMap, PerCpuArray, RingBuf},
         programs::TracePointContext,
     };
     use aya_log_ebpf::error;
-    use tcpstate_common::{AF_INET, AF_INET6, Config, Event, IPPROTO_TCP, TcpState};
+    use tcpstate_common::{AF_INET6, Config, Event, IPPROTO_TCP, MAX_SPAN, TcpState};
 
     /// Offsets of the tracepoint's fields and the wakeup threshold. Overridden by the agent before
     /// load (aya's `EbpfLoader::override_global`) from
@@ -45,6 +46,9 @@ mod program {
     #[map]
     static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+    /// Bytes past the wakeup threshold within which events still force a wakeup.
+    const WAKEUP_WINDOW: u64 = 4096;
+
     #[tracepoint]
     pub fn tcpstate(ctx: TracePointContext) -> u32 {
         match try_tcpstate(&ctx) {
@@ -61,12 +65,17 @@ mod program {
         }
     }
 
-    /// Reads a `T` at `offset` of the tracepoint record. The offset comes from a global, so it
-    /// is not a constant the verifier accepts for a direct context load: read through the helper.
+    /// Reads a `T` at `offset` of the record, from the copy of its span that starts at `start`.
+    /// The offsets come from the frozen `.rodata`, so the verifier sees constants and accepts the
+    /// stack access; out-of-span offsets (impossible: the agent's parser checks) read as zero.
     #[inline(always)]
-    fn field<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
-        // SAFETY: the helper checks the address; offsets come from the format file.
-        unsafe { ctx.read_at::<T>(offset as usize) }.map_err(|e| e as i64)
+    fn field<T: Copy + Default>(span: &[u8; MAX_SPAN], start: u16, offset: u16) -> T {
+        let at = offset.wrapping_sub(start) as usize;
+        if at + core::mem::size_of::<T>() > MAX_SPAN {
+            return T::default();
+        }
+        // SAFETY: in bounds (checked above); `T` is a plain integer type or byte array.
+        unsafe { core::ptr::read_unaligned(span.as_ptr().add(at).cast::<T>()) }
     }
 
     #[inline(always)]
@@ -75,76 +84,115 @@ mod program {
         let cfg = unsafe { core::ptr::read_volatile(&CONFIG) };
         let l = cfg.layout;
 
+        // One helper call copies every field we need: ten separate reads cost more than the
+        // rest of the program. The buffer is left uninitialised on purpose: BPF has no memset,
+        // so zeroing it would call a byte loop that costs as much as the whole copy. The
+        // verifier checks that we only read bytes the helper wrote (the offsets are constants
+        // to it, from the frozen `.rodata`).
+        let mut span = core::mem::MaybeUninit::<[u8; MAX_SPAN]>::uninit();
+        let len = (l.span_len as usize).min(MAX_SPAN);
+        // SAFETY: the helper checks the source and writes `len` bytes of our buffer.
+        let span = unsafe {
+            let buf = core::slice::from_raw_parts_mut(span.as_mut_ptr().cast::<u8>(), len);
+            bpf_probe_read_kernel_buf(ctx.as_ptr().cast::<u8>().add(l.span_start as usize), buf)
+                .map_err(|e| e as i64)?;
+            &*span.as_ptr()
+        };
+        let s = l.span_start;
+
         let protocol = if l.protocol_size == 1 {
-            u16::from(field::<u8>(ctx, l.protocol)?)
+            u16::from(field::<u8>(span, s, l.protocol))
         } else {
-            field::<u16>(ctx, l.protocol)?
+            field::<u16>(span, s, l.protocol)
         };
         if protocol != IPPROTO_TCP {
             return Ok(());
         }
-
-        let skaddr = field::<u64>(ctx, l.skaddr)?;
-        let oldstate = field::<i32>(ctx, l.oldstate)?;
-        let newstate = field::<i32>(ctx, l.newstate)?;
-        let family = field::<u16>(ctx, l.family)?;
-
-        let mut ev = Event {
-            ts_ns: 0,
-            skaddr,
-            prev_state_ns: 0,
-            saddr: [0; 16],
-            daddr: [0; 16],
-            netns: 0,
-            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            sport: field::<u16>(ctx, l.sport)?,
-            dport: field::<u16>(ctx, l.dport)?,
-            family,
-            oldstate: oldstate as u8,
-            newstate: newstate as u8,
-        };
-        if family == AF_INET {
-            let s = field::<[u8; 4]>(ctx, l.saddr)?;
-            let d = field::<[u8; 4]>(ctx, l.daddr)?;
-            ev.saddr[..4].copy_from_slice(&s);
-            ev.daddr[..4].copy_from_slice(&d);
-        } else if family == AF_INET6 {
-            ev.saddr = field::<[u8; 16]>(ctx, l.saddr_v6)?;
-            ev.daddr = field::<[u8; 16]>(ctx, l.daddr_v6)?;
-        }
+        let skaddr = field::<u64>(span, s, l.skaddr);
+        let newstate = field::<i32>(span, s, l.newstate);
 
         // SAFETY: the helper has no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
-        ev.ts_ns = now;
-        // SAFETY: the value is copied out at once; a concurrent update can only make it stale.
-        if let Some(entered) = unsafe { SOCK_STATE.get(&skaddr) } {
-            ev.prev_state_ns = now.saturating_sub(*entered);
-        }
-        if newstate == TcpState::Close as i32 {
-            // The socket is gone; its address will be reused.
-            let _ = SOCK_STATE.remove(&skaddr);
-        } else {
-            let _ = SOCK_STATE.insert(&skaddr, &now, 0);
+        let mut prev_state_ns = 0;
+        // An LRU insert of an existing key allocates a new node and frees the old one under the
+        // LRU lock; overwriting the value in place is a plain store. So: insert on a socket's
+        // first event only, update in place after, delete at CLOSE.
+        let closing = newstate == TcpState::Close as i32;
+        match SOCK_STATE.get_ptr_mut(&skaddr) {
+            Some(entered) => {
+                // SAFETY: the pointer is into the map value, valid for this program run; a
+                // concurrent transition of the same socket cannot happen (socket lock).
+                unsafe {
+                    prev_state_ns = now.saturating_sub(*entered);
+                    *entered = now;
+                }
+                if closing {
+                    // The socket is gone; its address will be reused.
+                    let _ = SOCK_STATE.remove(&skaddr);
+                }
+            }
+            None if !closing => {
+                let _ = SOCK_STATE.insert(&skaddr, &now, 0);
+            }
+            None => {}
         }
 
-        // Wake the reader only when enough is waiting; below that it drains on a short timer.
-        let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(cfg.wakeup_bytes) {
+        // The reader drains on a short timer; a wakeup per event would cost more than the
+        // event. Wake it early only as the backlog crosses the threshold (a window, since CPUs
+        // race past the exact crossing): past it the reader is either already awake or stuck,
+        // and waking it on every event would only slow the kernel when it is behind.
+        let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        let threshold = u64::from(cfg.wakeup_bytes);
+        let flags = if waiting >= threshold && waiting < threshold + WAKEUP_WINDOW {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
         } as u64;
-        match EVENTS.reserve::<Event>(0) {
-            Some(mut entry) => {
-                entry.write(ev);
-                entry.submit(flags);
+
+        let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+            if let Some(slot) = DROPS.get_ptr_mut(0) {
+                // SAFETY: per-CPU slot, no other writer while this program runs here.
+                unsafe { *slot += 1 };
             }
-            None => {
-                if let Some(slot) = DROPS.get_ptr_mut(0) {
-                    // SAFETY: per-CPU slot, no other writer while this program runs here.
-                    unsafe { *slot += 1 };
-                }
+            return Ok(());
+        };
+        // Written field by field into the ring: building the event on the stack and copying
+        // it in would go through the same byte-loop memcpy.
+        let e = entry.as_mut_ptr();
+        let family = field::<u16>(span, s, l.family);
+        // SAFETY: `e` points at a reserved, exclusively owned, properly aligned `Event`.
+        unsafe {
+            (*e).ts_ns = now;
+            (*e).skaddr = skaddr;
+            (*e).prev_state_ns = prev_state_ns;
+            let (saddr, daddr) = (
+                (*e).saddr.as_mut_ptr().cast::<u64>(),
+                (*e).daddr.as_mut_ptr().cast::<u64>(),
+            );
+            if family == AF_INET6 {
+                saddr.write_unaligned(field::<u64>(span, s, l.saddr_v6));
+                saddr
+                    .add(1)
+                    .write_unaligned(field::<u64>(span, s, l.saddr_v6 + 8));
+                daddr.write_unaligned(field::<u64>(span, s, l.daddr_v6));
+                daddr
+                    .add(1)
+                    .write_unaligned(field::<u64>(span, s, l.daddr_v6 + 8));
+            } else {
+                saddr.write_unaligned(u64::from(field::<u32>(span, s, l.saddr)));
+                saddr.add(1).write_unaligned(0);
+                daddr.write_unaligned(u64::from(field::<u32>(span, s, l.daddr)));
+                daddr.add(1).write_unaligned(0);
             }
+            (*e).netns = 0;
+            (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            (*e).sport = field::<u16>(span, s, l.sport);
+            (*e).dport = field::<u16>(span, s, l.dport);
+            (*e).family = family;
+            (*e).oldstate = field::<i32>(span, s, l.oldstate) as u8;
+            (*e).newstate = newstate as u8;
         }
+        entry.submit(flags);
         Ok(())
     }
 
