@@ -1,9 +1,11 @@
 //! Command-line types.
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::alerts::Thresholds;
 use crate::config::{self, AgentConfig};
 
 #[derive(Debug, Parser)]
@@ -56,6 +58,19 @@ pub struct AgentArgs {
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
 
+    /// Time in CLOSE_WAIT or FIN_WAIT2 after which a connection is lingering (sets both;
+    /// default 60s, like net.ipv4.tcp_fin_timeout). E.g. 500ms, 30s, 5m.
+    #[arg(long, value_name = "DURATION", value_parser = parse_linger_after)]
+    pub linger_after: Option<Duration>,
+
+    /// Linger threshold for CLOSE_WAIT only (overrides --linger-after).
+    #[arg(long, value_name = "DURATION", value_parser = parse_close_wait)]
+    pub close_wait_after: Option<Duration>,
+
+    /// Linger threshold for FIN_WAIT2 only (overrides --linger-after).
+    #[arg(long, value_name = "DURATION", value_parser = parse_fin_wait2)]
+    pub fin_wait2_after: Option<Duration>,
+
     /// tracefs mount point [default: /sys/kernel/tracing, mounted if missing].
     #[arg(long, value_name = "PATH")]
     pub tracefs: Option<PathBuf>,
@@ -74,6 +89,18 @@ pub struct AgentArgs {
     pub log_format: LogFormat,
 }
 
+fn parse_linger_after(s: &str) -> Result<Duration, String> {
+    config::parse_duration("--linger-after", s).map_err(|e| e.to_string())
+}
+
+fn parse_close_wait(s: &str) -> Result<Duration, String> {
+    config::parse_duration("--close-wait-after", s).map_err(|e| e.to_string())
+}
+
+fn parse_fin_wait2(s: &str) -> Result<Duration, String> {
+    config::parse_duration("--fin-wait2-after", s).map_err(|e| e.to_string())
+}
+
 fn parse_ring(s: &str) -> Result<u32, String> {
     config::parse_ring_size(s).map_err(|e| e.to_string())
 }
@@ -87,6 +114,14 @@ impl AgentArgs {
             max_sockets: self.max_sockets,
             tracefs: self.tracefs.clone(),
             drain_interval: config::DRAIN_INTERVAL,
+            thresholds: {
+                let base = Thresholds::default();
+                let both = self.linger_after;
+                Thresholds {
+                    close_wait: self.close_wait_after.or(both).unwrap_or(base.close_wait),
+                    fin_wait2: self.fin_wait2_after.or(both).unwrap_or(base.fin_wait2),
+                }
+            },
         }
     }
 }
@@ -104,6 +139,24 @@ mod tests {
         assert_eq!(c.max_ports, 512);
         assert_eq!(c.ring_bytes, 4 << 20);
         assert_eq!(c.wakeup_bytes(), 1 << 20);
+        assert_eq!(c.thresholds, Thresholds::default());
+    }
+
+    #[test]
+    fn linger_after_sets_both_and_per_state_flags_override() {
+        let cli = Cli::try_parse_from([
+            "tcpstate",
+            "agent",
+            "--linger-after",
+            "500ms",
+            "--fin-wait2-after",
+            "5m",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command;
+        let t = a.config().thresholds;
+        assert_eq!(t.close_wait, Duration::from_millis(500));
+        assert_eq!(t.fin_wait2, Duration::from_secs(300));
     }
 
     #[test]
@@ -113,6 +166,8 @@ mod tests {
             vec!["tcpstate", "agent", "--max-ports", "0"],
             vec!["tcpstate", "agent", "--listen", "nowhere"],
             vec!["tcpstate", "agent", "--bogus"],
+            vec!["tcpstate", "agent", "--linger-after", "0s"],
+            vec!["tcpstate", "agent", "--close-wait-after", "later"],
         ] {
             let err = Cli::try_parse_from(&args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");

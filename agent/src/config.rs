@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::alerts::Thresholds;
+
 /// The default `--listen`: all interfaces, on a port outside the Prometheus exporter range
 /// (9100-9999, fully allocated) that no common service uses.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:10610";
@@ -24,6 +26,8 @@ pub struct AgentConfig {
     pub max_sockets: u32,
     pub tracefs: Option<PathBuf>,
     pub drain_interval: Duration,
+    /// When a connection in CLOSE_WAIT or FIN_WAIT2 counts as lingering.
+    pub thresholds: Thresholds,
 }
 
 impl AgentConfig {
@@ -37,6 +41,12 @@ impl AgentConfig {
 pub enum ConfigError {
     #[error("{key}: `{value}` is not a size: write bytes or use KiB/MiB/GiB, e.g. 4MiB")]
     Size { key: &'static str, value: String },
+    #[error("{key}: `{value}` is not a duration ({reason}): write e.g. 500ms, 30s, 5m")]
+    Duration {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("{key}: {value} bytes is not a power of two of at least 4096 and at most 1GiB")]
     RingSize { key: &'static str, value: u64 },
 }
@@ -72,6 +82,23 @@ pub fn parse_ring_size(text: &str) -> Result<u32, ConfigError> {
         });
     }
     Ok(bytes as u32)
+}
+
+/// Parses a human duration (`500ms`, `30s`, `5m`, `1h`); zero is refused.
+pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| ConfigError::Duration {
+        key,
+        value: text.to_string(),
+        reason: e.to_string(),
+    })?;
+    if d.is_zero() {
+        return Err(ConfigError::Duration {
+            key,
+            value: text.to_string(),
+            reason: "must be longer than zero".into(),
+        });
+    }
+    Ok(d)
 }
 
 /// Reads `net.ipv4.ip_local_port_range`, falling back to the kernel default.
@@ -118,6 +145,18 @@ mod tests {
         assert!(e.to_string().contains("--ring-size"), "{e}");
         assert!(parse_ring_size("2048").is_err());
         assert!(parse_ring_size("2GiB").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("k", "500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("k", "30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("k", "5m"), Ok(Duration::from_secs(300)));
+        let e = parse_duration("--linger-after", "0s").unwrap_err();
+        assert!(e.to_string().contains("--linger-after"), "{e}");
+        assert!(e.to_string().contains("longer than zero"), "{e}");
+        assert!(parse_duration("k", "soon").is_err());
+        assert!(parse_duration("k", "").is_err());
     }
 
     #[test]

@@ -3,15 +3,16 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
+use crate::alerts::{self, Detector};
 use crate::bpf::{self, BpfError};
 use crate::config::{self, AgentConfig};
-use crate::http::{AppState, TableHandle};
+use crate::http::{AppState, Request, TableHandle, View};
 use crate::metrics;
 use crate::privileges::{self, PrivilegeError};
 use crate::reader::{self, Batch, ReaderStats};
-use crate::table::{Snapshot, Table};
+use crate::table::Table;
 use crate::tracefs::{self, TracefsError};
 
 #[derive(Debug, Error)]
@@ -93,6 +94,8 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         listen = %addr,
         ring_bytes = cfg.ring_bytes,
         max_ports = cfg.max_ports,
+        close_wait_after = ?cfg.thresholds.close_wait,
+        fin_wait2_after = ?cfg.thresholds.fin_wait2,
         "attached to sock:inet_sock_set_state"
     );
 
@@ -136,11 +139,12 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         }
     }));
 
-    let (snap_tx, snap_rx) = mpsc::channel::<oneshot::Sender<Snapshot>>(16);
+    let (req_tx, req_rx) = mpsc::channel::<Request>(16);
     let table = Table::new(cfg.max_ports as usize, config::ephemeral_range());
-    tasks.push(tokio::spawn(own_table(table, batch_rx, snap_rx)));
+    let detector = Detector::new(cfg.thresholds);
+    tasks.push(tokio::spawn(own_table(table, detector, batch_rx, req_rx)));
 
-    let handle = TableHandle(snap_tx);
+    let handle = TableHandle(req_tx);
     let state = AppState {
         table: handle.clone(),
         reader: reader_stats.clone(),
@@ -177,21 +181,50 @@ impl Agent {
     }
 }
 
-/// The one task that owns the table: applies batches in order, answers snapshot requests.
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so of every event.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// The one task that owns the table and the linger detector: applies batches in order, runs
+/// the detector on its timer, answers requests. Nothing else touches them.
 async fn own_table(
     mut table: Table,
+    mut detector: Detector,
     mut batches: mpsc::Receiver<Batch>,
-    mut requests: mpsc::Receiver<oneshot::Sender<Snapshot>>,
+    mut requests: mpsc::Receiver<Request>,
 ) {
+    let mut tick = tokio::time::interval(detector.thresholds().check_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             batch = batches.recv() => match batch {
                 Some(batch) => batch.iter().for_each(|t| table.apply(t)),
-                None => return,
+                // The reader is gone: the agent is stopping.
+                None => break,
             },
-            Some(reply) = requests.recv() => {
-                let _ = reply.send(table.snapshot());
+            _ = tick.tick() => {
+                let happenings = detector.tick(&mut table, monotonic_ns());
+                alerts::emit(&alerts::plan_logs(happenings, alerts::DEFAULT_LOG_CAP));
             }
+            Some(request) = requests.recv() => match request {
+                Request::View(reply) => {
+                    let _ = reply.send(View {
+                        table: table.snapshot(),
+                        linger: detector.snapshot(),
+                        thresholds: detector.thresholds(),
+                        now_ns: monotonic_ns(),
+                    });
+                }
+            },
         }
     }
+    // Settle what left since the last tick, then report what still lingers.
+    let now = monotonic_ns();
+    let mut last = detector.tick(&mut table, now);
+    last.retain(|h| matches!(h, alerts::Happening::Left { .. }));
+    last.extend(detector.shutdown(now));
+    alerts::emit(&alerts::plan_logs(last, alerts::DEFAULT_LOG_CAP));
 }

@@ -11,19 +11,35 @@ use axum::{
 use prometheus::Registry;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::alerts::{LingerSnapshot, Thresholds};
 use crate::bpf::Drops;
 use crate::metrics::{self, Sources};
 use crate::reader::ReaderStats;
 use crate::table::Snapshot;
 
-/// Asks the table task for a snapshot.
+/// A consistent view of the table task's state at one instant.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub table: Snapshot,
+    pub linger: LingerSnapshot,
+    pub thresholds: Thresholds,
+    /// CLOCK_MONOTONIC ns when the view was taken (ages are computed against it).
+    pub now_ns: u64,
+}
+
+/// What other tasks may ask of the table task.
+pub enum Request {
+    View(oneshot::Sender<View>),
+}
+
+/// Asks the table task for views.
 #[derive(Clone)]
-pub struct TableHandle(pub mpsc::Sender<oneshot::Sender<Snapshot>>);
+pub struct TableHandle(pub mpsc::Sender<Request>);
 
 impl TableHandle {
-    pub async fn snapshot(&self) -> Option<Snapshot> {
+    pub async fn view(&self) -> Option<View> {
         let (tx, rx) = oneshot::channel();
-        self.0.send(tx).await.ok()?;
+        self.0.send(Request::View(tx)).await.ok()?;
         rx.await.ok()
     }
 }
@@ -70,7 +86,7 @@ async fn landing() -> Html<&'static str> {
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> Response {
-    let Some(snapshot) = s.table.snapshot().await else {
+    let Some(view) = s.table.view().await else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent is shutting down\n",
@@ -87,7 +103,7 @@ async fn metrics_handler(State(s): State<AppState>) -> Response {
         Err(_) => 0,
     };
     let sources = Sources {
-        snapshot,
+        view,
         events,
         lost_kernel,
         lost_agent,

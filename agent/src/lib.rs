@@ -11,8 +11,10 @@
 //! - [`reader`] drains the ring buffer without blocking and counts what it cannot deliver.
 //! - [`decode`] turns ring records into [`decode::Transition`]s, pure and length-checked.
 //! - [`table`] is the connection table and per-port aggregates, owned by one task, no I/O.
+//! - [`alerts`] finds connections lingering in CLOSE_WAIT or FIN_WAIT2, on a timer.
 //! - [`metrics`] builds the Prometheus families from a table snapshot at scrape time.
 //! - [`http`] serves them; [`daemon`] wires it all and handles shutdown.
+pub mod alerts;
 pub mod bpf;
 pub mod cli;
 pub mod config;

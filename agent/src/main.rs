@@ -1,4 +1,5 @@
 //! The `tcpstate` binary: a thin shell over the library.
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
             };
             let builder = tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_writer(std::io::stderr);
             match args.log_format {
                 LogFormat::Text => builder.init(),

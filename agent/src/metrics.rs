@@ -6,12 +6,14 @@ use prometheus::proto::{
 use prometheus::{Encoder, Registry, TextEncoder};
 use tcpstate_common::TcpState;
 
-use crate::table::{BUCKETS_SECONDS, Hist, Snapshot};
+use crate::alerts::LINGER_STATES;
+use crate::http::View;
+use crate::table::{BUCKETS_SECONDS, Hist};
 
 /// Everything one scrape shows.
 #[derive(Clone, Debug, Default)]
 pub struct Sources {
-    pub snapshot: Snapshot,
+    pub view: View,
     /// Records read from the ring buffer.
     pub events: u64,
     /// Events the program could not put in the ring (full).
@@ -66,8 +68,26 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
         MetricType::HISTOGRAM,
     );
 
-    for (role, key, stats) in &s.snapshot.ports {
+    let mut lingering = family(
+        "tcpstate_lingering_connections",
+        "Connections in close_wait or fin_wait2 for longer than that state's threshold.",
+        MetricType::GAUGE,
+    );
+    let mut oldest = family(
+        "tcpstate_lingering_oldest_seconds",
+        "Time in state of the oldest lingering connection, 0 when none.",
+        MetricType::GAUGE,
+    );
+    let mut detected = family(
+        "tcpstate_lingering_detected_total",
+        "Connections that crossed their state's linger threshold.",
+        MetricType::COUNTER,
+    );
+    let linger = &s.view.linger;
+
+    for (role, key, stats) in &s.view.table.ports {
         let port = key.label();
+        let role_key = role;
         let role = role.label();
         for state in TcpState::ALL {
             connections.mut_metric().push(gauge(
@@ -106,6 +126,47 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
                 &stats.lifetimes,
             ));
         }
+        for state in LINGER_STATES {
+            let k = (*role_key, *key, state);
+            let agg = linger
+                .current
+                .iter()
+                .find(|(lk, _)| *lk == k)
+                .map(|(_, a)| *a)
+                .unwrap_or_default();
+            let labels = [
+                ("port", port.as_str()),
+                ("role", role),
+                ("state", state.label()),
+            ];
+            lingering
+                .mut_metric()
+                .push(gauge(&labels, agg.count as f64));
+            let age = if agg.count > 0 {
+                s.view.now_ns.saturating_sub(agg.oldest_since_ns) as f64 / 1e9
+            } else {
+                0.0
+            };
+            oldest.mut_metric().push(gauge(&labels, age));
+            let n = linger
+                .detected_total
+                .iter()
+                .find(|(lk, _)| *lk == k)
+                .map_or(0, |(_, n)| *n);
+            detected.mut_metric().push(counter(&labels, n as f64));
+        }
+    }
+
+    let mut thresholds = family(
+        "tcpstate_linger_threshold_seconds",
+        "Time after which a connection in this state counts as lingering.",
+        MetricType::GAUGE,
+    );
+    for state in LINGER_STATES {
+        let t = s.view.thresholds.for_state(state).unwrap_or_default();
+        thresholds
+            .mut_metric()
+            .push(gauge(&[("state", state.label())], t.as_secs_f64()));
     }
 
     let mut events = family(
@@ -141,14 +202,14 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
     );
     tracked
         .mut_metric()
-        .push(gauge(&[], s.snapshot.tracked_sockets as f64));
+        .push(gauge(&[], s.view.table.tracked_sockets as f64));
 
     let mut mismatches = family(
         "tcpstate_table_inconsistencies_total",
         "Transitions that did not follow from the table's state: kind=state_mismatch and kind=stale_socket mean events were lost, kind=first_seen_midlife counts sockets opened before the agent saw them.",
         MetricType::COUNTER,
     );
-    let c = s.snapshot.counters;
+    let c = s.view.table.counters;
     for (kind, n) in [
         ("state_mismatch", c.state_mismatches),
         ("stale_socket", c.stale_replaced),
@@ -185,6 +246,10 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
         transitions,
         state_durations,
         lifetimes,
+        lingering,
+        oldest,
+        detected,
+        thresholds,
         events,
         lost,
         decode_errors,
@@ -279,7 +344,10 @@ mod tests {
         t.apply(&mk(1_000, SynSent, Established, Some(1_000)));
         t.apply(&mk(400_001_000, Established, FinWait1, Some(400_000_000)));
         Sources {
-            snapshot: t.snapshot(),
+            view: View {
+                table: t.snapshot(),
+                ..View::default()
+            },
             events: 3,
             lost_kernel: 2,
             lost_agent: 1,

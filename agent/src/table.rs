@@ -141,6 +141,20 @@ pub struct Conn {
     pub netns: u32,
     /// The task that opened it (meaningful for active opens only), 0 when unknown.
     pub pid: u32,
+    /// Set by the linger detector once the socket stayed too long in its state; the table then
+    /// reports how it leaves (see [`Table::take_departures`]).
+    pub lingering: bool,
+}
+
+/// A lingering socket left its state: how, and what it was.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Departure {
+    pub sock: u64,
+    /// The connection as it was while lingering.
+    pub conn: Conn,
+    /// The state it went to (`CLOSE` when it is gone).
+    pub to: TcpState,
+    pub ts_ns: u64,
 }
 
 /// Counters of how the table had to cope with what it was fed.
@@ -178,6 +192,7 @@ pub struct Table {
     /// `net.ipv4.ip_local_port_range`, to infer the role of sockets first seen mid-life.
     ephemeral: RangeInclusive<u16>,
     counters: TableCounters,
+    departures: Vec<Departure>,
 }
 
 /// The kernel's default `net.ipv4.ip_local_port_range`.
@@ -195,6 +210,7 @@ impl Table {
             listening: FxHashMap::default(),
             ephemeral,
             counters: TableCounters::default(),
+            departures: Vec::new(),
         }
     }
 
@@ -212,6 +228,16 @@ impl Table {
 
     pub fn conns(&self) -> impl Iterator<Item = (&u64, &Conn)> {
         self.conns.iter()
+    }
+
+    /// Mutable access for the linger detector (it sets [`Conn::lingering`]).
+    pub fn conns_mut(&mut self) -> impl Iterator<Item = (&u64, &mut Conn)> {
+        self.conns.iter_mut()
+    }
+
+    /// How lingering sockets left their state since the last call.
+    pub fn take_departures(&mut self) -> Vec<Departure> {
+        std::mem::take(&mut self.departures)
     }
 
     pub fn counters(&self) -> TableCounters {
@@ -237,6 +263,15 @@ impl Table {
         {
             self.counters.stale_replaced += 1;
             self.forget(&stale);
+            if stale.lingering {
+                // Its close was lost; it is gone all the same.
+                self.departures.push(Departure {
+                    sock: t.sock,
+                    conn: stale,
+                    to: TcpState::Close,
+                    ts_ns: t.ts_ns,
+                });
+            }
         }
 
         if let Some(conn) = self.conns.get_mut(&t.sock) {
@@ -246,6 +281,23 @@ impl Table {
                 .expect("every tracked connection has its aggregate");
             if conn.state != t.old {
                 self.counters.state_mismatches += 1;
+            }
+            if t.old == t.new && conn.state == t.new {
+                // A self-transition: close() of a socket already in FIN_WAIT2 sets the state
+                // again. A transition the kernel made, but the socket stays where it was: no
+                // duration, no new entry time, and a lingering socket goes on lingering.
+                stats.transitions[t.old.index()][t.new.index()] += 1;
+                return;
+            }
+            if conn.lingering {
+                // Only sockets already lingering pay for this, once.
+                self.departures.push(Departure {
+                    sock: t.sock,
+                    conn: conn.clone(),
+                    to: t.new,
+                    ts_ns: t.ts_ns,
+                });
+                conn.lingering = false;
             }
             let slot = &mut stats.current[conn.state.index()];
             *slot = slot.saturating_sub(1);
@@ -318,6 +370,7 @@ impl Table {
                 listener,
                 netns: t.netns,
                 pid: if role == Role::Client { t.pid } else { 0 },
+                lingering: false,
             },
         );
     }
@@ -666,6 +719,29 @@ mod tests {
         assert_eq!(s.lifetimes.count, 0);
         // Our own clock fills in the FIN_WAIT2 duration the program did not report.
         assert_eq!(s.state_durations[FinWait2.index()].count, 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_self_transition_counts_but_keeps_the_state_and_its_age() {
+        let mut t = table();
+        let (c, s) = ("10.0.0.1:40000", "10.0.0.2:80");
+        t.apply(&tr(SOCK_A, 1, Close, SynSent, "10.0.0.1:0", s));
+        t.apply(&tr(SOCK_A, 2, SynSent, Established, c, s));
+        t.apply(&tr(SOCK_A, 3, Established, FinWait1, c, s));
+        t.apply(&tr(SOCK_A, 4, FinWait1, FinWait2, c, s));
+        // The application closes the half-closed socket: FIN_WAIT2 -> FIN_WAIT2.
+        t.apply(&with_prev(tr(SOCK_A, 9, FinWait2, FinWait2, c, s), 5));
+        let conn = t.get(SOCK_A).unwrap();
+        assert_eq!((conn.state, conn.since_ns), (FinWait2, 4));
+        let st = t.stats(Role::Client, PortKey::Port(80)).unwrap();
+        assert_eq!(st.transitions[FinWait2.index()][FinWait2.index()], 1);
+        assert_eq!(st.current[FinWait2.index()], 1);
+        assert_eq!(st.state_durations[FinWait2.index()].count, 0);
+        assert_eq!(t.counters().state_mismatches, 0);
+        t.apply(&with_prev(tr(SOCK_A, 10, FinWait2, Close, c, s), 6));
+        let st = t.stats(Role::Client, PortKey::Port(80)).unwrap();
+        assert_eq!(st.state_durations[FinWait2.index()].count, 1);
         assert!(t.is_empty());
     }
 

@@ -403,8 +403,9 @@ fn sigint_and_sigterm_detach_and_exit_zero() {
         nix::sys::signal::Signal::SIGTERM,
     ] {
         let agent = AgentProc::start(&[]);
-        let status = agent.stop_with(signal);
+        let (status, log) = agent.stop_with(signal);
         assert!(status.success(), "{signal}: exit status {status}");
+        assert!(log.contains("detached"), "{signal}: {log}");
     }
 }
 

@@ -109,6 +109,7 @@ mod program {
             return Ok(());
         }
         let skaddr = field::<u64>(span, s, l.skaddr);
+        let oldstate = field::<i32>(span, s, l.oldstate);
         let newstate = field::<i32>(span, s, l.newstate);
 
         // SAFETY: the helper has no preconditions.
@@ -124,7 +125,12 @@ mod program {
                 // concurrent transition of the same socket cannot happen (socket lock).
                 unsafe {
                     prev_state_ns = now.saturating_sub(*entered);
-                    *entered = now;
+                    // The kernel also reports self-transitions: close() of a socket already in
+                    // FIN_WAIT2 sets FIN_WAIT2 again (tcp_close_state) before it becomes a
+                    // timewait socket. The socket did not leave its state: keep the entry time.
+                    if oldstate != newstate {
+                        *entered = now;
+                    }
                 }
                 if closing {
                     // The socket is gone; its address will be reused.
@@ -189,7 +195,7 @@ mod program {
             (*e).sport = field::<u16>(span, s, l.sport);
             (*e).dport = field::<u16>(span, s, l.dport);
             (*e).family = family;
-            (*e).oldstate = field::<i32>(span, s, l.oldstate) as u8;
+            (*e).oldstate = oldstate as u8;
             (*e).newstate = newstate as u8;
         }
         entry.submit(flags);

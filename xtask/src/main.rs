@@ -52,7 +52,13 @@ fn main() -> ExitCode {
         "test" => setup().and_then(|env| test(&env)),
         "bench" => setup().and_then(|env| {
             build(&env)?;
-            bench::main(&root(), rest)
+            bench::main(&root(), rest)?;
+            // The linger detector's pass over 100k sockets (pure userspace).
+            sh(env.apply(
+                Command::new("cargo")
+                    .current_dir(root())
+                    .args(["bench", "--quiet", "-p", "tcpstate", "--bench", "detector"]),
+            ))
         }),
         // Internal: the benchmark's churn loop, run inside its network namespace.
         "churn-worker" => bench::worker(rest),

@@ -138,36 +138,49 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The real `tcpstate agent`, killed on drop.
+/// The real `tcpstate agent` (JSON logs kept in a file), killed on drop.
 pub struct AgentProc {
     pub child: Child,
     pub addr: String,
+    log_path: std::path::PathBuf,
 }
 
 impl AgentProc {
     pub fn start(extra: &[&str]) -> AgentProc {
         let addr = format!("127.0.0.1:{}", free_port());
+        let log_path = std::env::temp_dir().join(format!(
+            "tcpstate-agent-{}-{}.log",
+            std::process::id(),
+            addr.rsplit(':').next().unwrap()
+        ));
+        let log = File::create(&log_path).expect("agent log file");
         let child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
-            .args(["agent", "--listen", &addr, "--log-level", "info"])
+            .args([
+                "agent",
+                "--listen",
+                &addr,
+                "--log-level",
+                "info",
+                "--log-format",
+                "json",
+            ])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("start tcpstate agent");
-        let mut agent = AgentProc { child, addr };
+        let mut agent = AgentProc {
+            child,
+            addr,
+            log_path,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = agent.child.try_wait().unwrap() {
-                let mut err = String::new();
-                use std::io::Read;
-                agent
-                    .child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("the agent exited during start ({status}): {err}");
+                panic!(
+                    "the agent exited during start ({status}): {}",
+                    agent.log_text()
+                );
             }
             if agent.try_metrics().is_ok() {
                 return agent;
@@ -178,6 +191,19 @@ impl AgentProc {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The agent's JSON log records so far.
+    pub fn log_records(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     pub fn try_metrics(&self) -> Result<String, String> {
@@ -191,14 +217,14 @@ impl AgentProc {
         self.try_metrics().expect("scrape /metrics")
     }
 
-    /// Sends `signal` and waits for the exit status.
-    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> ExitStatus {
+    /// Sends `signal`, waits for the exit, returns the status and everything it logged.
+    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> (ExitStatus, String) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, signal).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
+                return (status, self.log_text());
             }
             assert!(
                 Instant::now() < deadline,
@@ -213,6 +239,7 @@ impl Drop for AgentProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log_path);
     }
 }
 
