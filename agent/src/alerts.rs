@@ -15,6 +15,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use tcpstate_common::TcpState;
 
+use crate::owner::Owner;
 use crate::table::{Conn, Departure, PortKey, Role, Table};
 
 /// The states a connection can linger in.
@@ -283,17 +284,26 @@ impl Detector {
         out
     }
 
-    pub fn snapshot(&self) -> LingerSnapshot {
+    /// The lingering set, plus the orphaned FIN_WAIT2 (timewait) sockets of the last dump that
+    /// are past the threshold at `now_ns`: the kernel owns those, they are counted, not listed.
+    pub fn snapshot(&self, orphans: &[(Role, PortKey, u64)], now_ns: u64) -> LingerSnapshot {
         let mut current: FxHashMap<(Role, PortKey, TcpState), LingerAgg> = FxHashMap::default();
-        for e in self.set.values() {
-            let agg = current
-                .entry((e.conn.role, e.conn.key, e.conn.state))
-                .or_insert(LingerAgg {
-                    count: 0,
-                    oldest_since_ns: u64::MAX,
-                });
+        let mut add = |key, since: u64| {
+            let agg = current.entry(key).or_insert(LingerAgg {
+                count: 0,
+                oldest_since_ns: u64::MAX,
+            });
             agg.count += 1;
-            agg.oldest_since_ns = agg.oldest_since_ns.min(e.conn.since_ns);
+            agg.oldest_since_ns = agg.oldest_since_ns.min(since);
+        };
+        for e in self.set.values() {
+            add((e.conn.role, e.conn.key, e.conn.state), e.conn.since_ns);
+        }
+        let fw2 = self.thresholds.fin_wait2.as_nanos() as u64;
+        for &(role, key, since) in orphans {
+            if now_ns.saturating_sub(since) > fw2 {
+                add((role, key, TcpState::FinWait2), since);
+            }
         }
         let mut current: Vec<_> = current.into_iter().collect();
         current.sort_by_key(|(k, _)| *k);
@@ -310,21 +320,45 @@ impl Detector {
     }
 }
 
-/// Emits log records through `tracing`: crossings at `warn`, departures at `info`.
-pub fn emit(records: &[LogRecord]) {
+/// The inodes whose owners the crossings in `records` would like to name.
+pub fn wanted_owners(records: &[LogRecord]) -> Vec<u32> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            LogRecord::One(Happening::Crossed { entry, .. }) if entry.conn.inode != 0 => {
+                Some(entry.conn.inode)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Emits log records through `tracing`: crossings at `warn` with the best owner information
+/// available (the processes holding the socket's inode, else the pid that connected it),
+/// departures at `info`.
+pub fn emit(records: &[LogRecord], owners: &FxHashMap<u32, Vec<Owner>>) {
     for r in records {
         match r {
             LogRecord::One(Happening::Crossed { entry, age }) => {
                 let c = &entry.conn;
+                let owner = owners.get(&c.inode).and_then(|o| o.first());
+                let owner_pid = owner.map_or(c.pid, |o| o.pid);
+                let owner_comm = owner.map_or("", |o| o.comm.as_str());
+                let container = owner.and_then(|o| o.container.as_deref()).unwrap_or("");
                 tracing::warn!(
                     state = c.state.name(),
                     age_s = age.as_secs_f64(),
+                    age_is_lower_bound = c.seeded,
                     local = %c.local,
                     remote = %c.remote,
                     role = c.role.label(),
                     port = c.service_port,
                     netns = c.netns,
-                    owner_pid = c.pid,
+                    inode = c.inode,
+                    owner_pid,
+                    owner_comm,
+                    owner_container = container,
+                    owners = owners.get(&c.inode).map_or(0, Vec::len),
                     "connection lingering in {}",
                     c.state.name()
                 );
@@ -440,7 +474,7 @@ mod tests {
         assert_eq!(*age, Duration::from_nanos(60 * S + 1));
         assert!(d.tick(&mut t, 80 * S).is_empty(), "reported once");
         assert_eq!(d.len(), 1);
-        let snap = d.snapshot();
+        let snap = d.snapshot(&[], 0);
         assert_eq!(
             snap.current,
             vec![(
@@ -500,9 +534,9 @@ mod tests {
             vec![(Ending::ClosedByApplication, 3), (Ending::Reset, 4)]
         );
         assert!(d.is_empty());
-        assert!(d.snapshot().current.is_empty());
+        assert!(d.snapshot(&[], 0).current.is_empty());
         // Counted as detected for good.
-        assert_eq!(d.snapshot().detected_total[0].1, 2);
+        assert_eq!(d.snapshot(&[], 0).detected_total[0].1, 2);
         // LAST_ACK is no lingering state: the first socket does not come back.
         assert!(d.tick(&mut t, 100 * S).is_empty());
     }
@@ -569,7 +603,7 @@ mod tests {
         assert_eq!(ones, DEFAULT_LOG_CAP);
         assert_eq!(logs.len(), DEFAULT_LOG_CAP + 3, "one summary per port");
         assert_eq!(ones + summaries, 100_000, "every socket is accounted for");
-        let snap = d.snapshot();
+        let snap = d.snapshot(&[], 0);
         assert_eq!(
             snap.current.iter().map(|(_, a)| a.count).sum::<u64>(),
             100_000
@@ -606,6 +640,28 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn orphaned_fin_wait2_past_the_threshold_count_as_lingering() {
+        let d = Detector::new(thresholds(10));
+        let orphans = [
+            (Role::Client, PortKey::Port(443), 100 * S),
+            (Role::Client, PortKey::Port(443), 95 * S),
+            (Role::Client, PortKey::Port(443), 108 * S),
+        ];
+        let snap = d.snapshot(&orphans, 110 * S);
+        assert_eq!(
+            snap.current,
+            vec![(
+                (Role::Client, PortKey::Port(443), FinWait2),
+                LingerAgg {
+                    count: 1,
+                    oldest_since_ns: 95 * S
+                }
+            )],
+            "only the one 15 s old is past 10 s"
+        );
     }
 
     #[test]

@@ -71,6 +71,16 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_fin_wait2)]
     pub fin_wait2_after: Option<Duration>,
 
+    /// Lingering events logged one by one per detection interval; beyond, one summary line per
+    /// port with the count.
+    #[arg(long, value_name = "N", default_value_t = crate::alerts::DEFAULT_LOG_CAP)]
+    pub linger_log_cap: usize,
+
+    /// How often the table is repaired from a sock_diag dump of every namespace (which also
+    /// counts TIME_WAIT and orphaned FIN_WAIT2 sockets).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_reconcile)]
+    pub reconcile_interval: Duration,
+
     /// tracefs mount point [default: /sys/kernel/tracing, mounted if missing].
     #[arg(long, value_name = "PATH")]
     pub tracefs: Option<PathBuf>,
@@ -101,6 +111,10 @@ fn parse_fin_wait2(s: &str) -> Result<Duration, String> {
     config::parse_duration("--fin-wait2-after", s).map_err(|e| e.to_string())
 }
 
+fn parse_reconcile(s: &str) -> Result<Duration, String> {
+    config::parse_duration("--reconcile-interval", s).map_err(|e| e.to_string())
+}
+
 fn parse_ring(s: &str) -> Result<u32, String> {
     config::parse_ring_size(s).map_err(|e| e.to_string())
 }
@@ -114,6 +128,8 @@ impl AgentArgs {
             max_sockets: self.max_sockets,
             tracefs: self.tracefs.clone(),
             drain_interval: config::DRAIN_INTERVAL,
+            reconcile_interval: self.reconcile_interval,
+            linger_log_cap: self.linger_log_cap,
             thresholds: {
                 let base = Thresholds::default();
                 let both = self.linger_after;

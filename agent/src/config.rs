@@ -16,6 +16,7 @@ pub const DEFAULT_MAX_PORTS: u32 = 512;
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 pub const DEFAULT_MAX_SOCKETS: u32 = 131_072;
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+pub const DEFAULT_RECONCILE: Duration = Duration::from_secs(15);
 
 /// Everything `tcpstate agent` needs, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +29,10 @@ pub struct AgentConfig {
     pub drain_interval: Duration,
     /// When a connection in CLOSE_WAIT or FIN_WAIT2 counts as lingering.
     pub thresholds: Thresholds,
+    /// How often the table is repaired from a sock_diag dump.
+    pub reconcile_interval: Duration,
+    /// Lingering events logged one by one per interval.
+    pub linger_log_cap: usize,
 }
 
 impl AgentConfig {

@@ -5,13 +5,17 @@ use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use crate::alerts::{self, Detector};
 use crate::bpf::{self, BpfError};
 use crate::config::{self, AgentConfig};
 use crate::http::{AppState, Request, TableHandle, View};
 use crate::metrics;
+use crate::owner::{self, Owner};
 use crate::privileges::{self, PrivilegeError};
 use crate::reader::{self, Batch, ReaderStats};
+use crate::sockdiag;
 use crate::table::Table;
 use crate::tracefs::{self, TracefsError};
 
@@ -142,7 +146,21 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
     let (req_tx, req_rx) = mpsc::channel::<Request>(16);
     let table = Table::new(cfg.max_ports as usize, config::ephemeral_range());
     let detector = Detector::new(cfg.thresholds);
-    tasks.push(tokio::spawn(own_table(table, detector, batch_rx, req_rx)));
+    let (alert_tx, alert_rx) = mpsc::channel(64);
+    tasks.push(tokio::spawn(own_table(
+        table,
+        detector,
+        batch_rx,
+        req_rx,
+        alert_tx,
+        cfg.linger_log_cap,
+    )));
+    tasks.push(tokio::spawn(log_alerts(alert_rx)));
+    tasks.push(tokio::spawn(reconcile_every(
+        cfg.reconcile_interval,
+        req_tx.clone(),
+        shutdown_rx.clone(),
+    )));
 
     let handle = TableHandle(req_tx);
     let state = AppState {
@@ -195,6 +213,8 @@ async fn own_table(
     mut detector: Detector,
     mut batches: mpsc::Receiver<Batch>,
     mut requests: mpsc::Receiver<Request>,
+    alert_tx: mpsc::Sender<Vec<alerts::LogRecord>>,
+    log_cap: usize,
 ) {
     let mut tick = tokio::time::interval(detector.thresholds().check_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -207,16 +227,46 @@ async fn own_table(
             },
             _ = tick.tick() => {
                 let happenings = detector.tick(&mut table, monotonic_ns());
-                alerts::emit(&alerts::plan_logs(happenings, alerts::DEFAULT_LOG_CAP));
+                if !happenings.is_empty() {
+                    // Logging (and the owner lookup behind it) happens off this task.
+                    let records = alerts::plan_logs(happenings, log_cap);
+                    if alert_tx.try_send(records).is_err() {
+                        tracing::warn!("alert log queue full: lingering events of one interval not logged");
+                    }
+                }
             }
             Some(request) = requests.recv() => match request {
                 Request::View(reply) => {
+                    let now = monotonic_ns();
                     let _ = reply.send(View {
                         table: table.snapshot(),
-                        linger: detector.snapshot(),
+                        linger: detector.snapshot(table.orphans(), now),
                         thresholds: detector.thresholds(),
-                        now_ns: monotonic_ns(),
+                        now_ns: now,
                     });
+                }
+                Request::Reconcile { dump, started_ns, fin_timeout } => {
+                    let c = table.reconcile(&dump.sockets, started_ns, monotonic_ns(), fin_timeout);
+                    let runs = table.reconcile_totals().runs;
+                    let total = c.stale + c.missing + c.state;
+                    if runs == 1 {
+                        tracing::info!(
+                            sockets = dump.sockets.len(),
+                            namespaces = dump.namespaces,
+                            seeded = c.missing,
+                            "seeded the connection table from sock_diag"
+                        );
+                    } else if total > 0 {
+                        tracing::info!(
+                            stale = c.stale,
+                            missing = c.missing,
+                            state = c.state,
+                            "reconciliation corrected the table (events were lost or raced)"
+                        );
+                    }
+                    for (netns, error) in &dump.failed {
+                        tracing::debug!(netns, %error, "namespace not dumped");
+                    }
                 }
             },
         }
@@ -226,5 +276,73 @@ async fn own_table(
     let mut last = detector.tick(&mut table, now);
     last.retain(|h| matches!(h, alerts::Happening::Left { .. }));
     last.extend(detector.shutdown(now));
-    alerts::emit(&alerts::plan_logs(last, alerts::DEFAULT_LOG_CAP));
+    let _ = alert_tx.send(alerts::plan_logs(last, log_cap)).await;
+}
+
+/// Logs lingering events, naming the processes that hold each socket. The /proc scan runs on a
+/// blocking thread, for the inodes of new crossings only, cached per inode.
+async fn log_alerts(mut records: mpsc::Receiver<Vec<alerts::LogRecord>>) {
+    let mut cache: FxHashMap<u32, Vec<Owner>> = FxHashMap::default();
+    while let Some(batch) = records.recv().await {
+        let wanted: FxHashSet<u32> = alerts::wanted_owners(&batch)
+            .into_iter()
+            .filter(|i| !cache.contains_key(i))
+            .collect();
+        if !wanted.is_empty() {
+            let found = tokio::task::spawn_blocking(move || {
+                let found = owner::scan(std::path::Path::new("/proc"), &wanted);
+                (wanted, found)
+            })
+            .await;
+            if let Ok((wanted, mut found)) = found {
+                if cache.len() > 100_000 {
+                    cache.clear();
+                }
+                for inode in wanted {
+                    cache.insert(inode, found.remove(&inode).unwrap_or_default());
+                }
+            }
+        }
+        alerts::emit(&batch, &cache);
+    }
+}
+
+/// Dumps every namespace's sockets now (seeding), then every `interval`, and hands each dump
+/// to the table task.
+async fn reconcile_every(
+    interval: std::time::Duration,
+    table: mpsc::Sender<Request>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let started_ns = monotonic_ns();
+        let Ok((dump, fin_timeout)) = tokio::task::spawn_blocking(|| {
+            (
+                sockdiag::dump_host(std::path::Path::new("/proc")),
+                sockdiag::fin_timeout(),
+            )
+        })
+        .await
+        else {
+            continue;
+        };
+        if dump.namespaces == 0 {
+            tracing::warn!(failed = ?dump.failed, "sock_diag dump failed in every namespace");
+            continue;
+        }
+        let request = Request::Reconcile {
+            dump,
+            started_ns,
+            fin_timeout,
+        };
+        if table.send(request).await.is_err() {
+            return;
+        }
+    }
 }

@@ -30,6 +30,12 @@ pub struct View {
 /// What other tasks may ask of the table task.
 pub enum Request {
     View(oneshot::Sender<View>),
+    /// A sock_diag dump of every namespace, started at `started_ns`, to reconcile with.
+    Reconcile {
+        dump: crate::sockdiag::HostDump,
+        started_ns: u64,
+        fin_timeout: std::time::Duration,
+    },
 }
 
 /// Asks the table task for views.

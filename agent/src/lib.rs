@@ -11,6 +11,7 @@
 //! - [`reader`] drains the ring buffer without blocking and counts what it cannot deliver.
 //! - [`decode`] turns ring records into [`decode::Transition`]s, pure and length-checked.
 //! - [`table`] is the connection table and per-port aggregates, owned by one task, no I/O.
+//! - [`sockdiag`] dumps every TCP socket of every namespace: seeding, repair, timewait.
 //! - [`alerts`] finds connections lingering in CLOSE_WAIT or FIN_WAIT2, on a timer.
 //! - [`metrics`] builds the Prometheus families from a table snapshot at scrape time.
 //! - [`http`] serves them; [`daemon`] wires it all and handles shutdown.
@@ -22,7 +23,9 @@ pub mod daemon;
 pub mod decode;
 pub mod http;
 pub mod metrics;
+pub mod owner;
 pub mod privileges;
 pub mod reader;
+pub mod sockdiag;
 pub mod table;
 pub mod tracefs;

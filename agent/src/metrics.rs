@@ -68,6 +68,11 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
         MetricType::HISTOGRAM,
     );
 
+    let mut seeded = family(
+        "tcpstate_seeded_connections",
+        "Of tcpstate_connections, those known from a sock_diag dump rather than their transitions: their age in state is a lower bound.",
+        MetricType::GAUGE,
+    );
     let mut lingering = family(
         "tcpstate_lingering_connections",
         "Connections in close_wait or fin_wait2 for longer than that state's threshold.",
@@ -93,6 +98,12 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
             connections.mut_metric().push(gauge(
                 &[("port", &port), ("role", role), ("state", state.label())],
                 stats.current[state.index()] as f64,
+            ));
+        }
+        for state in TcpState::ALL {
+            seeded.mut_metric().push(gauge(
+                &[("port", &port), ("role", role), ("state", state.label())],
+                stats.seeded[state.index()] as f64,
             ));
         }
         for from in TcpState::ALL {
@@ -220,6 +231,28 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
             .push(counter(&[("kind", kind)], n as f64));
     }
 
+    let mut corrections = family(
+        "tcpstate_reconcile_corrections_total",
+        "Repairs of the connection table from sock_diag: kind=stale (gone from the kernel), missing (added), state (state corrected).",
+        MetricType::COUNTER,
+    );
+    let r = s.view.table.reconcile;
+    for (kind, n) in [
+        ("stale", r.corrections.stale),
+        ("missing", r.corrections.missing),
+        ("state", r.corrections.state),
+    ] {
+        corrections
+            .mut_metric()
+            .push(counter(&[("kind", kind)], n as f64));
+    }
+    let mut runs = family(
+        "tcpstate_reconciliations_total",
+        "sock_diag dumps reconciled with the table (the first one seeds it).",
+        MetricType::COUNTER,
+    );
+    runs.mut_metric().push(counter(&[], r.runs as f64));
+
     let mut ring = family(
         "tcpstate_ring_buffer_size_bytes",
         "Size of the kernel-to-agent ring buffer.",
@@ -246,10 +279,13 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
         transitions,
         state_durations,
         lifetimes,
+        seeded,
         lingering,
         oldest,
         detected,
         thresholds,
+        corrections,
+        runs,
         events,
         lost,
         decode_errors,

@@ -19,6 +19,12 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use tcpstate_common::TcpState;
 
 use crate::decode::Transition;
+use crate::sockdiag::DiagSocket;
+
+/// Both ports known (a listener has no remote port).
+fn complete(c: &Conn) -> bool {
+    c.local.port() != 0 && (c.remote.port() != 0 || c.listener)
+}
 
 /// Number of state slots (`TcpState::index` is 0..12).
 pub const STATES: usize = 12;
@@ -120,6 +126,8 @@ pub struct PortStats {
     /// Whole connection lifetimes, open to `CLOSE` (listeners excluded; only connections whose
     /// open the agent saw).
     pub lifetimes: Hist,
+    /// Of `current`, those seeded from a sock_diag dump whose time in state is a lower bound.
+    pub seeded: [u64; STATES],
 }
 
 /// One live socket.
@@ -144,7 +152,42 @@ pub struct Conn {
     /// Set by the linger detector once the socket stayed too long in its state; the table then
     /// reports how it leaves (see [`Table::take_departures`]).
     pub lingering: bool,
+    /// Known from a sock_diag dump, not from its transitions: `since_ns` is when the agent first
+    /// saw it in this state, a lower bound of its time there.
+    pub seeded: bool,
+    /// Socket inode from sock_diag (0 until a dump matched it): the key to its owner.
+    pub inode: u32,
 }
+
+/// What one reconciliation corrected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Corrections {
+    /// In the table, gone from the kernel: dropped.
+    pub stale: u64,
+    /// In the kernel, missing from the table: added.
+    pub missing: u64,
+    /// In both, in different states: the kernel's state taken.
+    pub state: u64,
+}
+
+/// Totals over every reconciliation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileTotals {
+    pub runs: u64,
+    pub corrections: Corrections,
+    /// CLOCK_MONOTONIC ns of the last one, 0 before the first.
+    pub last_ns: u64,
+}
+
+/// Synthetic keys for sockets known only from sock_diag start at 1; kernel addresses live in the
+/// top half of the address space, so the two never meet.
+const SYNTHETIC_LIMIT: u64 = 1 << 47;
+
+/// Closes remembered for reconciliation: a socket that closed while a dump ran must not come
+/// back from that dump.
+const RECENT_CLOSES: usize = 65_536;
+
+type Tuple = (SocketAddr, SocketAddr);
 
 /// A lingering socket left its state: how, and what it was.
 #[derive(Clone, Debug, PartialEq)]
@@ -174,10 +217,11 @@ pub struct TableCounters {
 /// A consistent copy of the aggregates, for the metrics endpoint.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    /// Sorted by (role, port).
+    /// Sorted by (role, port). `current` includes the timewait sockets of the last dump.
     pub ports: Vec<(Role, PortKey, PortStats)>,
     pub tracked_sockets: usize,
     pub counters: TableCounters,
+    pub reconcile: ReconcileTotals,
 }
 
 /// The connection table.
@@ -193,6 +237,15 @@ pub struct Table {
     ephemeral: RangeInclusive<u16>,
     counters: TableCounters,
     departures: Vec<Departure>,
+    /// Seeded sockets by 4-tuple, to adopt them when their real socket's events arrive.
+    seeded_by_tuple: FxHashMap<Tuple, Vec<u64>>,
+    next_synthetic: u64,
+    recent_closes: std::collections::VecDeque<(Tuple, u64)>,
+    /// Timewait sockets from the last dump, per (role, port): `[TIME_WAIT, FIN_WAIT2]`.
+    timewait: FxHashMap<(Role, PortKey), [u64; 2]>,
+    /// Orphaned FIN_WAIT2 (timewait) sockets from the last dump: when they entered the state.
+    orphans: Vec<(Role, PortKey, u64)>,
+    reconcile: ReconcileTotals,
 }
 
 /// The kernel's default `net.ipv4.ip_local_port_range`.
@@ -211,6 +264,12 @@ impl Table {
             ephemeral,
             counters: TableCounters::default(),
             departures: Vec::new(),
+            seeded_by_tuple: FxHashMap::default(),
+            next_synthetic: 1,
+            recent_closes: std::collections::VecDeque::new(),
+            timewait: FxHashMap::default(),
+            orphans: Vec::new(),
+            reconcile: ReconcileTotals::default(),
         }
     }
 
@@ -274,6 +333,14 @@ impl Table {
             }
         }
 
+        if open.is_none() && !self.seeded_by_tuple.is_empty() && !self.conns.contains_key(&t.sock) {
+            // A socket known from sock_diag shows itself: it is the same socket.
+            if let Some(synthetic) = self.take_seeded(&(t.local, t.remote)) {
+                let conn = self.conns.remove(&synthetic).expect("indexed");
+                self.conns.insert(t.sock, conn);
+            }
+        }
+
         if let Some(conn) = self.conns.get_mut(&t.sock) {
             let stats = self
                 .stats
@@ -301,6 +368,12 @@ impl Table {
             }
             let slot = &mut stats.current[conn.state.index()];
             *slot = slot.saturating_sub(1);
+            if conn.seeded {
+                // From here on the time in state is exact.
+                let slot = &mut stats.seeded[conn.state.index()];
+                *slot = slot.saturating_sub(1);
+                conn.seeded = false;
+            }
             stats.transitions[t.old.index()][t.new.index()] += 1;
             // The program's own clock is authoritative; fall back to ours if its entry was
             // evicted, but only when we know the socket was in that state.
@@ -318,17 +391,31 @@ impl Table {
                 if conn.listener {
                     self.unlisten(conn.local.port());
                 }
+                if self.recent_closes.len() == RECENT_CLOSES {
+                    self.recent_closes.pop_front();
+                }
+                self.recent_closes
+                    .push_back(((conn.local, conn.remote), t.ts_ns));
                 return;
             }
             stats.current[t.new.index()] += 1;
             conn.state = t.new;
             conn.since_ns = t.ts_ns;
             // Half-built tuples (port 0) appear in the open events; keep what we know.
+            let was_complete = complete(conn);
             if t.local.port() != 0 {
                 conn.local = t.local;
             }
             if t.remote.port() != 0 {
                 conn.remote = t.remote;
+            }
+            if !was_complete && complete(conn) && !self.seeded_by_tuple.is_empty() {
+                // A dump that ran while this socket opened may have added it already.
+                let tuple = (conn.local, conn.remote);
+                if let Some(dup) = self.take_seeded(&tuple) {
+                    let dup = self.conns.remove(&dup).expect("indexed");
+                    self.forget(&dup);
+                }
             }
             return;
         }
@@ -371,6 +458,8 @@ impl Table {
                 netns: t.netns,
                 pid: if role == Role::Client { t.pid } else { 0 },
                 lingering: false,
+                seeded: false,
+                inode: 0,
             },
         );
     }
@@ -382,11 +471,18 @@ impl Table {
             .iter()
             .map(|(&(role, key), stats)| (role, key, (**stats).clone()))
             .collect();
+        for (role, key, stats) in ports.iter_mut() {
+            if let Some([tw, fw2]) = self.timewait.get(&(*role, *key)) {
+                stats.current[TcpState::TimeWait.index()] += tw;
+                stats.current[TcpState::FinWait2.index()] += fw2;
+            }
+        }
         ports.sort_by_key(|(role, key, _)| (*role, *key));
         Snapshot {
             ports,
             tracked_sockets: self.conns.len(),
             counters: self.counters,
+            reconcile: self.reconcile,
         }
     }
 
@@ -395,10 +491,258 @@ impl Table {
         if let Some(stats) = self.stats.get_mut(&(conn.role, conn.key)) {
             let slot = &mut stats.current[conn.state.index()];
             *slot = slot.saturating_sub(1);
+            if conn.seeded {
+                let slot = &mut stats.seeded[conn.state.index()];
+                *slot = slot.saturating_sub(1);
+            }
         }
         if conn.listener {
             self.unlisten(conn.local.port());
         }
+    }
+
+    /// Orphaned FIN_WAIT2 sockets of the last dump: (role, port, entered state at).
+    pub fn orphans(&self) -> &[(Role, PortKey, u64)] {
+        &self.orphans
+    }
+
+    pub fn reconcile_totals(&self) -> ReconcileTotals {
+        self.reconcile
+    }
+
+    /// Repairs the table from a sock_diag dump of every namespace that started at `started_ns`
+    /// (CLOCK_MONOTONIC) and is applied at `now_ns`. Sockets are matched by 4-tuple (sock_diag
+    /// reports a cookie, not the kernel address events carry). Only entries unchanged since the
+    /// dump started are corrected, and a socket that closed while it ran is not brought back:
+    /// events racing the dump win. With an empty table this is the seeding at start.
+    pub fn reconcile(
+        &mut self,
+        dump: &[DiagSocket],
+        started_ns: u64,
+        now_ns: u64,
+        fin_timeout: std::time::Duration,
+    ) -> Corrections {
+        use TcpState::*;
+        let mut c = Corrections::default();
+        let listening: FxHashSet<(u32, u16)> = dump
+            .iter()
+            .filter(|d| d.state == Listen)
+            .map(|d| (d.netns, d.local.port()))
+            .collect();
+        let closed_during: FxHashSet<Tuple> = self
+            .recent_closes
+            .iter()
+            .filter(|(_, ts)| *ts >= started_ns)
+            .map(|(tuple, _)| *tuple)
+            .collect();
+
+        let mut kernel: FxHashMap<Tuple, Vec<&DiagSocket>> = FxHashMap::default();
+        for d in dump.iter().filter(|d| !d.timewait) {
+            kernel.entry((d.local, d.remote)).or_default().push(d);
+        }
+        // Sockets still opening have half a tuple in their events (the local port of a connect
+        // or the remote port of an accept is 0): match them on the half that is known.
+        let connecting: FxHashSet<SocketAddr> = dump
+            .iter()
+            .filter(|d| d.state == SynSent)
+            .map(|d| d.remote)
+            .collect();
+        let accepting: FxHashSet<SocketAddr> = dump
+            .iter()
+            .filter(|d| d.state == SynRecv)
+            .map(|d| d.local)
+            .collect();
+        let mut to_drop = Vec::new();
+        let mut ours: FxHashMap<Tuple, Vec<(u64, u64)>> = FxHashMap::default();
+        for (&sock, conn) in &self.conns {
+            if complete(conn) {
+                ours.entry((conn.local, conn.remote))
+                    .or_default()
+                    .push((conn.since_ns, sock));
+            } else if conn.since_ns < started_ns {
+                // Its next event was lost, or it is gone.
+                let alive = match conn.state {
+                    SynSent => connecting.contains(&conn.remote),
+                    SynRecv => accepting.contains(&conn.local),
+                    _ => false,
+                };
+                if !alive {
+                    to_drop.push(sock);
+                }
+            }
+        }
+
+        let mut to_add = Vec::new();
+        let mut to_restate = Vec::new();
+        for (tuple, mut mine) in ours {
+            mine.sort_unstable();
+            let theirs = kernel.remove(&tuple).unwrap_or_default();
+            for (i, (since, sock)) in mine.iter().enumerate() {
+                match theirs.get(i) {
+                    Some(k) => {
+                        let conn = self.conns.get_mut(sock).expect("listed");
+                        conn.inode = k.inode;
+                        if conn.netns == 0 {
+                            conn.netns = k.netns;
+                        }
+                        if conn.state != k.state && *since < started_ns {
+                            to_restate.push((*sock, k.state));
+                        }
+                    }
+                    None if *since < started_ns => to_drop.push(*sock),
+                    None => {}
+                }
+            }
+            for k in theirs.iter().skip(mine.len()) {
+                if !closed_during.contains(&tuple) && !matches!(k.state, SynSent | SynRecv) {
+                    to_add.push((*k).clone());
+                }
+            }
+        }
+        for (tuple, theirs) in kernel {
+            if closed_during.contains(&tuple) {
+                continue;
+            }
+            to_add.extend(
+                theirs
+                    .into_iter()
+                    .filter(|k| !matches!(k.state, SynSent | SynRecv))
+                    .cloned(),
+            );
+        }
+
+        for sock in to_drop {
+            let conn = self.conns.remove(&sock).expect("listed");
+            self.forget(&conn);
+            if let Some(v) = self.seeded_by_tuple.get_mut(&(conn.local, conn.remote)) {
+                v.retain(|s| *s != sock);
+            }
+            if conn.lingering {
+                self.departures.push(Departure {
+                    sock,
+                    conn,
+                    to: Close,
+                    ts_ns: now_ns,
+                });
+            }
+            c.stale += 1;
+        }
+        for (sock, state) in to_restate {
+            let conn = self.conns.get_mut(&sock).expect("listed");
+            let stats = self
+                .stats
+                .get_mut(&(conn.role, conn.key))
+                .expect("aggregate");
+            let slot = &mut stats.current[conn.state.index()];
+            *slot = slot.saturating_sub(1);
+            if conn.seeded {
+                let slot = &mut stats.seeded[conn.state.index()];
+                *slot = slot.saturating_sub(1);
+            }
+            if conn.lingering {
+                self.departures.push(Departure {
+                    sock,
+                    conn: conn.clone(),
+                    to: state,
+                    ts_ns: now_ns,
+                });
+                conn.lingering = false;
+            }
+            conn.state = state;
+            conn.since_ns = now_ns;
+            conn.seeded = true;
+            stats.current[state.index()] += 1;
+            stats.seeded[state.index()] += 1;
+            c.state += 1;
+        }
+        for k in to_add {
+            self.add_seeded(&k, &listening, now_ns);
+            c.missing += 1;
+        }
+
+        // Timewait sockets: counted per port from the dump, never tracked one by one.
+        self.timewait.clear();
+        self.orphans.clear();
+        for d in dump.iter().filter(|d| d.timewait) {
+            let (role, port) = self.dump_role(d, &listening);
+            let key = self.port_key(role, port);
+            self.stats.entry((role, key)).or_default();
+            let slot = self.timewait.entry((role, key)).or_default();
+            match d.state {
+                TimeWait => slot[0] += 1,
+                FinWait2 => {
+                    slot[1] += 1;
+                    // The kernel arms an orphaned FIN_WAIT2 socket's timer with
+                    // tcp_fin_timeout when it enters the state: what is spent is the age.
+                    let left = d.timer_left.unwrap_or_default();
+                    let age = fin_timeout.saturating_sub(left).as_nanos() as u64;
+                    self.orphans.push((role, key, now_ns.saturating_sub(age)));
+                }
+                _ => {}
+            }
+        }
+
+        self.reconcile.runs += 1;
+        self.reconcile.last_ns = now_ns;
+        self.reconcile.corrections.stale += c.stale;
+        self.reconcile.corrections.missing += c.missing;
+        self.reconcile.corrections.state += c.state;
+        c
+    }
+
+    fn dump_role(&self, d: &DiagSocket, listening: &FxHashSet<(u32, u16)>) -> (Role, u16) {
+        if d.state == TcpState::Listen || listening.contains(&(d.netns, d.local.port())) {
+            (Role::Server, d.local.port())
+        } else {
+            (Role::Client, d.remote.port())
+        }
+    }
+
+    fn add_seeded(&mut self, d: &DiagSocket, listening: &FxHashSet<(u32, u16)>, now_ns: u64) {
+        let (role, service_port) = self.dump_role(d, listening);
+        let key = self.port_key(role, service_port);
+        let stats = self.stats.entry((role, key)).or_default();
+        stats.current[d.state.index()] += 1;
+        stats.seeded[d.state.index()] += 1;
+        let listener = d.state == TcpState::Listen;
+        if listener {
+            *self.listening.entry(d.local.port()).or_default() += 1;
+        }
+        let sock = self.next_synthetic;
+        self.next_synthetic = (self.next_synthetic + 1) % SYNTHETIC_LIMIT;
+        self.conns.insert(
+            sock,
+            Conn {
+                local: d.local,
+                remote: d.remote,
+                role,
+                service_port,
+                key,
+                state: d.state,
+                since_ns: now_ns,
+                opened_ns: None,
+                listener,
+                netns: d.netns,
+                pid: 0,
+                lingering: false,
+                seeded: true,
+                inode: d.inode,
+            },
+        );
+        self.seeded_by_tuple
+            .entry((d.local, d.remote))
+            .or_default()
+            .push(sock);
+    }
+
+    /// Takes one seeded socket with this 4-tuple out of the index.
+    fn take_seeded(&mut self, tuple: &Tuple) -> Option<u64> {
+        let v = self.seeded_by_tuple.get_mut(tuple)?;
+        let sock = v.pop();
+        if v.is_empty() {
+            self.seeded_by_tuple.remove(tuple);
+        }
+        sock.filter(|s| self.conns.contains_key(s))
     }
 
     fn unlisten(&mut self, port: u16) {
@@ -792,6 +1136,242 @@ mod tests {
             t.stats(Role::Client, PortKey::Other).unwrap().current[SynSent.index()],
             1
         );
+    }
+
+    fn diag(state: TcpState, local: &str, remote: &str) -> DiagSocket {
+        DiagSocket {
+            netns: 4026531840,
+            state,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            inode: 1000,
+            uid: 0,
+            timewait: false,
+            timer_left: None,
+        }
+    }
+
+    const FIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+    #[test]
+    fn seeding_adds_every_full_socket_with_its_role_and_marks_it() {
+        let mut t = table();
+        let dump = [
+            diag(Listen, "0.0.0.0:8080", "0.0.0.0:0"),
+            diag(CloseWait, "10.0.0.2:8080", "10.0.0.1:40000"),
+            diag(Established, "10.0.0.2:45000", "10.0.0.3:5432"),
+            diag(SynSent, "10.0.0.2:45001", "10.0.0.3:5432"),
+        ];
+        let c = t.reconcile(&dump, 100, 100, FIN);
+        assert_eq!(
+            c,
+            Corrections {
+                stale: 0,
+                missing: 3,
+                state: 0
+            },
+            "SYN_SENT is left to events"
+        );
+        assert_eq!(current(&t, Role::Server, 8080, CloseWait), 1);
+        assert_eq!(current(&t, Role::Server, 8080, Listen), 1);
+        assert_eq!(current(&t, Role::Client, 5432, Established), 1);
+        let s = t.stats(Role::Server, PortKey::Port(8080)).unwrap();
+        assert_eq!(s.seeded[CloseWait.index()], 1);
+        let seeded: Vec<_> = t.conns().filter(|(_, c)| c.seeded).collect();
+        assert_eq!(seeded.len(), 3);
+        assert!(
+            seeded
+                .iter()
+                .all(|(sock, c)| **sock < SYNTHETIC_LIMIT && c.since_ns == 100 && c.inode == 1000)
+        );
+    }
+
+    #[test]
+    fn a_seeded_socket_is_adopted_by_its_first_event_and_its_age_becomes_exact() {
+        let mut t = table();
+        let dump = [
+            diag(Listen, "0.0.0.0:8080", "0.0.0.0:0"),
+            diag(CloseWait, "10.0.0.2:8080", "10.0.0.1:40000"),
+        ];
+        t.reconcile(&dump, 100, 100, FIN);
+        t.apply(&tr(
+            SOCK_A,
+            500,
+            CloseWait,
+            LastAck,
+            "10.0.0.2:8080",
+            "10.0.0.1:40000",
+        ));
+        assert_eq!(
+            t.len(),
+            2,
+            "the same socket (and the listener), not a third one"
+        );
+        let c = t.get(SOCK_A).unwrap();
+        assert_eq!(
+            (c.state, c.seeded, c.since_ns, c.inode),
+            (LastAck, false, 500, 1000)
+        );
+        let s = t.stats(Role::Server, PortKey::Port(8080)).unwrap();
+        assert_eq!(s.current[CloseWait.index()], 0);
+        assert_eq!(s.seeded[CloseWait.index()], 0);
+        assert_eq!(s.seeded[Listen.index()], 1);
+        assert_eq!(t.counters().first_seen_midlife, 0);
+    }
+
+    #[test]
+    fn reconciliation_drops_adds_and_restates_what_events_missed() {
+        let mut t = table();
+        // Known to the table: one gone from the kernel (its close was lost), one whose
+        // ESTABLISHED -> CLOSE_WAIT was lost.
+        t.apply(&tr(SOCK_A, 1, Close, SynSent, "10.0.0.1:0", "10.0.0.2:80"));
+        t.apply(&tr(
+            SOCK_A,
+            2,
+            SynSent,
+            Established,
+            "10.0.0.1:40000",
+            "10.0.0.2:80",
+        ));
+        t.apply(&tr(SOCK_B, 1, Close, SynSent, "10.0.0.1:0", "10.0.0.2:80"));
+        t.apply(&tr(
+            SOCK_B,
+            2,
+            SynSent,
+            Established,
+            "10.0.0.1:40001",
+            "10.0.0.2:80",
+        ));
+        let dump = [
+            diag(CloseWait, "10.0.0.1:40001", "10.0.0.2:80"),
+            // Opened while events were lost.
+            diag(Established, "10.0.0.1:40002", "10.0.0.2:80"),
+        ];
+        let c = t.reconcile(&dump, 10, 20, FIN);
+        assert_eq!(
+            c,
+            Corrections {
+                stale: 1,
+                missing: 1,
+                state: 1
+            }
+        );
+        assert_eq!(current(&t, Role::Client, 80, Established), 1);
+        assert_eq!(current(&t, Role::Client, 80, CloseWait), 1);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.get(SOCK_B).unwrap().inode, 1000);
+        assert_eq!(t.reconcile_totals().corrections, c);
+        // A second pass over the same kernel state finds nothing to do.
+        assert_eq!(t.reconcile(&dump, 30, 40, FIN), Corrections::default());
+    }
+
+    #[test]
+    fn events_that_race_the_dump_win() {
+        let mut t = table();
+        // Changed after the dump started (since 15 >= 10): the dump may predate it.
+        t.apply(&tr(SOCK_A, 1, Close, SynSent, "10.0.0.1:0", "10.0.0.2:80"));
+        t.apply(&tr(
+            SOCK_A,
+            15,
+            SynSent,
+            Established,
+            "10.0.0.1:40000",
+            "10.0.0.2:80",
+        ));
+        // Closed while the dump ran: it must not come back from the dump.
+        t.apply(&tr(SOCK_B, 1, Close, SynSent, "10.0.0.1:0", "10.0.0.2:80"));
+        t.apply(&tr(
+            SOCK_B,
+            2,
+            SynSent,
+            Established,
+            "10.0.0.1:40001",
+            "10.0.0.2:80",
+        ));
+        t.apply(&tr(
+            SOCK_B,
+            12,
+            Established,
+            Close,
+            "10.0.0.1:40001",
+            "10.0.0.2:80",
+        ));
+        let dump = [diag(Established, "10.0.0.1:40001", "10.0.0.2:80")];
+        assert_eq!(t.reconcile(&dump, 10, 20, FIN), Corrections::default());
+        assert_eq!(t.len(), 1);
+        assert!(t.get(SOCK_A).is_some());
+    }
+
+    #[test]
+    fn a_half_built_socket_whose_next_event_was_lost_is_repaired() {
+        let mut t = table();
+        t.apply(&tr(SOCK_A, 1, Close, SynSent, "10.0.0.1:0", "10.0.0.2:80"));
+        // Still connecting: kept.
+        let dump = [diag(SynSent, "10.0.0.1:40000", "10.0.0.2:80")];
+        assert_eq!(t.reconcile(&dump, 10, 20, FIN), Corrections::default());
+        // Its SYN_SENT -> ESTABLISHED was lost: the half-built entry goes, the real one comes.
+        let dump = [diag(Established, "10.0.0.1:40000", "10.0.0.2:80")];
+        let c = t.reconcile(&dump, 30, 40, FIN);
+        assert_eq!(
+            c,
+            Corrections {
+                stale: 1,
+                missing: 1,
+                state: 0
+            }
+        );
+        assert_eq!(current(&t, Role::Client, 80, SynSent), 0);
+        assert_eq!(current(&t, Role::Client, 80, Established), 1);
+    }
+
+    #[test]
+    fn a_dump_that_saw_a_socket_open_does_not_count_it_twice() {
+        let mut t = table();
+        // The dump saw the connection before its events reached the table.
+        t.reconcile(
+            &[diag(Established, "10.0.0.1:40000", "10.0.0.2:80")],
+            10,
+            20,
+            FIN,
+        );
+        t.apply(&tr(SOCK_A, 5, Close, SynSent, "10.0.0.1:0", "10.0.0.2:80"));
+        t.apply(&tr(
+            SOCK_A,
+            6,
+            SynSent,
+            Established,
+            "10.0.0.1:40000",
+            "10.0.0.2:80",
+        ));
+        assert_eq!(t.len(), 1);
+        assert_eq!(current(&t, Role::Client, 80, Established), 1);
+        assert_eq!(
+            t.stats(Role::Client, PortKey::Port(80)).unwrap().seeded,
+            [0; STATES]
+        );
+    }
+
+    #[test]
+    fn timewait_sockets_are_counted_per_port_and_orphans_aged_from_their_timer() {
+        let mut t = table();
+        let mut tw = diag(TimeWait, "10.0.0.1:40000", "10.0.0.2:80");
+        tw.timewait = true;
+        let mut fw = diag(FinWait2, "10.0.0.1:40001", "10.0.0.2:80");
+        fw.timewait = true;
+        fw.timer_left = Some(std::time::Duration::from_secs(45));
+        let s = 1_000_000_000u64;
+        t.reconcile(&[tw.clone(), tw, fw], 100 * s, 100 * s, FIN);
+        let snap = t.snapshot();
+        let (_, _, stats) = &snap.ports[0];
+        assert_eq!(stats.current[TimeWait.index()], 2);
+        assert_eq!(stats.current[FinWait2.index()], 1);
+        assert_eq!(t.len(), 0, "timewait sockets are not tracked one by one");
+        // 60 s timeout, 45 s left: it entered FIN_WAIT2 15 s ago.
+        assert_eq!(t.orphans(), &[(Role::Client, PortKey::Port(80), 85 * s)]);
+        // The next dump replaces them.
+        t.reconcile(&[], 200 * s, 200 * s, FIN);
+        assert_eq!(t.snapshot().ports[0].2.current, [0; STATES]);
+        assert!(t.orphans().is_empty());
     }
 
     #[test]

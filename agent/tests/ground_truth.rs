@@ -1,0 +1,239 @@
+//! sock_diag ground truth against the real kernel: seeding at start, timewait sockets, repair
+//! after lost events, owners. Needs root; fails (never skips) without it.
+mod support;
+
+use std::io::Read;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn connect_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, server)
+}
+
+fn gauge(text: &str, name: &str, port: u16, role: &str, state: &str) -> Option<f64> {
+    let p = port.to_string();
+    value(
+        text,
+        name,
+        &[("port", p.as_str()), ("role", role), ("state", state)],
+    )
+}
+
+fn ss_count(ns: &Netns, port: u16, role: &str, state: &str) -> u64 {
+    ns.ss_counts(port)
+        .get(&(role.to_string(), state.to_string()))
+        .copied()
+        .unwrap_or(0)
+}
+
+#[test]
+fn close_wait_leaked_before_start_is_seeded_at_once_with_its_owner() {
+    require_root();
+    let ns = Netns::new("seed");
+    let port = 7601u16;
+    // The leak exists before the agent.
+    let (_listener, _servers) = ns.enter(|| {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let servers: Vec<TcpStream> = (0..20)
+            .map(|_| {
+                let (client, server) = connect_pair(&listener);
+                drop(client);
+                server
+            })
+            .collect();
+        (listener, servers)
+    });
+    eventually(Duration::from_secs(2), || {
+        match ss_count(&ns, port, "server", "close_wait") {
+            20 => Ok(()),
+            n => Err(format!("ss shows {n} in CLOSE_WAIT")),
+        }
+    });
+
+    // Other tests' sockets may cross in the same pass: list every one.
+    let agent = AgentProc::start(&["--linger-after", "500ms", "--linger-log-cap", "100000"]);
+    let started = Instant::now();
+    let text = eventually(Duration::from_secs(1), || {
+        let text = agent.metrics();
+        match gauge(&text, "tcpstate_connections", port, "server", "close_wait") {
+            Some(20.0) => Ok(text),
+            other => Err(format!("close_wait {other:?}")),
+        }
+    });
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        gauge(
+            &text,
+            "tcpstate_seeded_connections",
+            port,
+            "server",
+            "close_wait"
+        ),
+        Some(20.0),
+        "flagged as seeded: their age is a lower bound"
+    );
+    assert_eq!(
+        gauge(&text, "tcpstate_connections", port, "server", "listen"),
+        Some(1.0)
+    );
+
+    // Past the threshold (counted from the agent's start), each warning names the owner.
+    let warned = eventually(Duration::from_secs(5), || {
+        let w: Vec<_> = agent
+            .log_records()
+            .into_iter()
+            .filter(|r| {
+                r["fields"]["message"] == "connection lingering in CLOSE_WAIT"
+                    && r["fields"]["port"] == port
+            })
+            .collect();
+        if w.len() == 20 {
+            Ok(w)
+        } else {
+            Err(format!("{} warnings", w.len()))
+        }
+    });
+    for w in &warned {
+        let f = &w["fields"];
+        assert_eq!(f["owner_pid"], std::process::id(), "{w}");
+        assert_eq!(f["age_is_lower_bound"], true, "{w}");
+        assert_ne!(f["inode"], 0, "{w}");
+        assert!(!f["owner_comm"].as_str().unwrap().is_empty(), "{w}");
+    }
+}
+
+#[test]
+fn orphaned_fin_wait2_and_time_wait_are_counted_from_the_dump() {
+    require_root();
+    let ns = Netns::new("tw");
+    let agent = AgentProc::start(&["--reconcile-interval", "500ms"]);
+    let (fw_port, tw_port) = (7602u16, 7603u16);
+    let (_fw_listener, _fw_servers, _tw_listener) = ns.enter(|| {
+        // Orphaned FIN_WAIT2: the client closes, the server keeps its end and never closes.
+        let fw_listener = TcpListener::bind(("127.0.0.1", fw_port)).unwrap();
+        let fw_servers: Vec<TcpStream> = (0..4)
+            .map(|_| {
+                let (client, server) = connect_pair(&fw_listener);
+                drop(client);
+                server
+            })
+            .collect();
+        // TIME_WAIT: 100 connections the client closes first, then the server.
+        let tw_listener = TcpListener::bind(("127.0.0.1", tw_port)).unwrap();
+        let mut buf = [0u8; 1];
+        for _ in 0..100 {
+            let (client, mut server) = connect_pair(&tw_listener);
+            drop(client);
+            assert_eq!(server.read(&mut buf).unwrap(), 0);
+            drop(server);
+        }
+        (fw_listener, fw_servers, tw_listener)
+    });
+
+    eventually(Duration::from_secs(5), || {
+        let text = agent.metrics();
+        let fw = gauge(
+            &text,
+            "tcpstate_connections",
+            fw_port,
+            "client",
+            "fin_wait2",
+        );
+        let tw = gauge(
+            &text,
+            "tcpstate_connections",
+            tw_port,
+            "client",
+            "time_wait",
+        );
+        let (ss_fw, ss_tw) = (
+            ss_count(&ns, fw_port, "client", "fin_wait2"),
+            ss_count(&ns, tw_port, "client", "time_wait"),
+        );
+        if ss_fw != 4 || ss_tw != 100 {
+            return Err(format!("ss: {ss_fw} FIN-WAIT-2, {ss_tw} TIME-WAIT"));
+        }
+        if fw == Some(ss_fw as f64) && tw == Some(ss_tw as f64) {
+            Ok(())
+        } else {
+            Err(format!(
+                "tcpstate: fin_wait2 {fw:?} (ss {ss_fw}), time_wait {tw:?} (ss {ss_tw})"
+            ))
+        }
+    });
+    // The server ends of the orphans are full sockets in CLOSE_WAIT, seen by the tracepoint.
+    let text = agent.metrics();
+    assert_eq!(
+        gauge(
+            &text,
+            "tcpstate_connections",
+            fw_port,
+            "server",
+            "close_wait"
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        gauge(
+            &text,
+            "tcpstate_connections",
+            tw_port,
+            "server",
+            "time_wait"
+        ),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn after_forced_loss_one_reconciliation_restores_the_counts() {
+    require_root();
+    let ns = Netns::new("loss");
+    // A ring of one page (about 50 events) drained every 10 ms cannot take a burst.
+    let agent = AgentProc::start(&["--ring-size", "4096", "--reconcile-interval", "2s"]);
+    let port = 7604u16;
+    let _held = ns.enter(|| {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let mut held = Vec::new();
+        for i in 0..600 {
+            let (c, s) = connect_pair(&listener);
+            match i % 3 {
+                0 => {}
+                1 => c.shutdown(Shutdown::Write).unwrap(),
+                _ => s.shutdown(Shutdown::Write).unwrap(),
+            }
+            held.extend([c, s]);
+        }
+        (listener, held)
+    });
+    let text = agent.metrics();
+    let lost = value(&text, "tcpstate_events_lost_total", &[("stage", "kernel")]).unwrap();
+    assert!(lost > 0.0, "the burst must overflow the ring: {lost} lost");
+
+    let ss_now = || ns.ss_counts(port);
+    eventually(Duration::from_secs(6), || {
+        let ours = agent_counts(&agent.metrics(), port);
+        let ss = ss_now();
+        if ours == ss {
+            Ok(())
+        } else {
+            Err(format!("tcpstate {ours:?}\n      ss {ss:?}"))
+        }
+    });
+    let text = agent.metrics();
+    let corrected: f64 = ["stale", "missing", "state"]
+        .iter()
+        .filter_map(|k| {
+            value(
+                &text,
+                "tcpstate_reconcile_corrections_total",
+                &[("kind", k)],
+            )
+        })
+        .sum();
+    assert!(corrected > 0.0, "the repair is counted");
+}
