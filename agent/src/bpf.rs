@@ -25,6 +25,8 @@ pub struct Options {
     pub max_sockets: u32,
     /// Wake the reader once this many bytes wait in the ring.
     pub wakeup_bytes: u32,
+    /// Where a socket's network namespace is, from BTF; None: events carry netns 0.
+    pub netns: Option<crate::btf::NetnsOffsets>,
 }
 
 #[derive(Debug, Error)]
@@ -92,6 +94,8 @@ pub fn load(layout: Layout, opts: &Options) -> Result<Loaded, BpfError> {
     let config = Config {
         layout,
         wakeup_bytes: opts.wakeup_bytes,
+        sock_net: opts.netns.map_or(0, |n| n.net),
+        net_inum: opts.netns.map_or(0, |n| n.inum),
     };
     let mut ebpf = EbpfLoader::new()
         .override_global(CONFIG_GLOBAL, &config, true)

@@ -71,6 +71,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_fin_wait2)]
     pub fin_wait2_after: Option<Duration>,
 
+    /// Split every per-port metric by network namespace (adds a `netns` label with the
+    /// namespace inode), e.g. for containers that listen on the same port.
+    #[arg(long)]
+    pub per_netns: bool,
+
     /// Lingering events logged one by one per detection interval; beyond, one summary line per
     /// port with the count.
     #[arg(long, value_name = "N", default_value_t = crate::alerts::DEFAULT_LOG_CAP)]
@@ -130,6 +135,7 @@ impl AgentArgs {
             drain_interval: config::DRAIN_INTERVAL,
             reconcile_interval: self.reconcile_interval,
             linger_log_cap: self.linger_log_cap,
+            per_netns: self.per_netns,
             thresholds: {
                 let base = Thresholds::default();
                 let both = self.linger_after;

@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub reconcile_interval: Duration,
     /// Lingering events logged one by one per interval.
     pub linger_log_cap: usize,
+    /// Aggregate per network namespace.
+    pub per_netns: bool,
 }
 
 impl AgentConfig {

@@ -86,12 +86,22 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
     let tracefs = tracefs::locate(cfg.tracefs.as_deref())?;
     let layout = tracefs::read_layout(&tracefs)?;
     tracing::debug!(?layout, tracefs = %tracefs.display(), "tracepoint layout");
+    let netns = match crate::btf::Btf::from_file(std::path::Path::new(crate::btf::VMLINUX))
+        .and_then(|btf| crate::btf::netns_offsets(&btf))
+    {
+        Ok(off) => Some(off),
+        Err(e) => {
+            tracing::warn!(error = %e, "no socket namespace offsets from BTF: events carry netns 0 and --per-netns cannot split them");
+            None
+        }
+    };
     let loaded = bpf::load(
         layout,
         &bpf::Options {
             ring_bytes: cfg.ring_bytes,
             max_sockets: cfg.max_sockets,
             wakeup_bytes: cfg.wakeup_bytes(),
+            netns,
         },
     )?;
     tracing::info!(
@@ -144,7 +154,9 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
     }));
 
     let (req_tx, req_rx) = mpsc::channel::<Request>(16);
-    let table = Table::new(cfg.max_ports as usize, config::ephemeral_range());
+    let table = Table::new(cfg.max_ports as usize, config::ephemeral_range())
+        .per_netns(cfg.per_netns && netns.is_some())
+        .netns_in_events(netns.is_some());
     let detector = Detector::new(cfg.thresholds);
     let (alert_tx, alert_rx) = mpsc::channel(64);
     tasks.push(tokio::spawn(own_table(
@@ -246,6 +258,10 @@ async fn own_table(
                     });
                 }
                 Request::Reconcile { dump, started_ns, fin_timeout } => {
+                    // Events already read belong before the dump's result.
+                    while let Ok(batch) = batches.try_recv() {
+                        batch.iter().for_each(|t| table.apply(t));
+                    }
                     let c = table.reconcile(&dump.sockets, started_ns, monotonic_ns(), fin_timeout);
                     let runs = table.reconcile_totals().runs;
                     let total = c.stale + c.missing + c.state;

@@ -17,6 +17,7 @@
 //! - [`http`] serves them; [`daemon`] wires it all and handles shutdown.
 pub mod alerts;
 pub mod bpf;
+pub mod btf;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -92,17 +92,19 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
 
     for (role, key, stats) in &s.view.table.ports {
         let port = key.label();
+        let netns = key.netns().map(|n| n.to_string());
+        let ns = netns.as_deref();
         let role_key = role;
         let role = role.label();
         for state in TcpState::ALL {
             connections.mut_metric().push(gauge(
-                &[("port", &port), ("role", role), ("state", state.label())],
+                &port_labels(&port, role, ns, &[("state", state.label())]),
                 stats.current[state.index()] as f64,
             ));
         }
         for state in TcpState::ALL {
             seeded.mut_metric().push(gauge(
-                &[("port", &port), ("role", role), ("state", state.label())],
+                &port_labels(&port, role, ns, &[("state", state.label())]),
                 stats.seeded[state.index()] as f64,
             ));
         }
@@ -111,12 +113,12 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
                 let n = stats.transitions[from.index()][to.index()];
                 if n > 0 {
                     transitions.mut_metric().push(counter(
-                        &[
-                            ("port", &port),
-                            ("role", role),
-                            ("from", from.label()),
-                            ("to", to.label()),
-                        ],
+                        &port_labels(
+                            &port,
+                            role,
+                            ns,
+                            &[("from", from.label()), ("to", to.label())],
+                        ),
                         n as f64,
                     ));
                 }
@@ -126,14 +128,14 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
             let h = &stats.state_durations[state.index()];
             if h.count > 0 {
                 state_durations.mut_metric().push(histogram(
-                    &[("port", &port), ("role", role), ("state", state.label())],
+                    &port_labels(&port, role, ns, &[("state", state.label())]),
                     h,
                 ));
             }
         }
         if stats.lifetimes.count > 0 {
             lifetimes.mut_metric().push(histogram(
-                &[("port", &port), ("role", role)],
+                &port_labels(&port, role, ns, &[]),
                 &stats.lifetimes,
             ));
         }
@@ -145,11 +147,7 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
                 .find(|(lk, _)| *lk == k)
                 .map(|(_, a)| *a)
                 .unwrap_or_default();
-            let labels = [
-                ("port", port.as_str()),
-                ("role", role),
-                ("state", state.label()),
-            ];
+            let labels = port_labels(&port, role, ns, &[("state", state.label())]);
             lingering
                 .mut_metric()
                 .push(gauge(&labels, agg.count as f64));
@@ -297,6 +295,21 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
     .into_iter()
     .filter(|f| !f.get_metric().is_empty())
     .collect()
+}
+
+/// Labels of a per-port series: port, role, the namespace under `--per-netns`, then `more`.
+fn port_labels<'a>(
+    port: &'a str,
+    role: &'a str,
+    netns: Option<&'a str>,
+    more: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut v = vec![("port", port), ("role", role)];
+    if let Some(n) = netns {
+        v.push(("netns", n));
+    }
+    v.extend_from_slice(more);
+    v
 }
 
 fn family(name: &str, help: &str, ty: MetricType) -> MetricFamily {

@@ -53,19 +53,30 @@ impl Role {
     }
 }
 
-/// A service port, or the bucket for ports beyond the cardinality limit.
+/// A service port, or the bucket for ports beyond the cardinality limit; with `--per-netns`,
+/// qualified by the network namespace inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PortKey {
     Port(u16),
     Other,
+    NsPort(u32, u16),
+    NsOther(u32),
 }
 
 impl PortKey {
     /// Label value: the number, or `other`.
     pub fn label(self) -> String {
         match self {
-            PortKey::Port(p) => p.to_string(),
-            PortKey::Other => "other".to_string(),
+            PortKey::Port(p) | PortKey::NsPort(_, p) => p.to_string(),
+            PortKey::Other | PortKey::NsOther(_) => "other".to_string(),
+        }
+    }
+
+    /// The namespace, when aggregates are per namespace.
+    pub fn netns(self) -> Option<u32> {
+        match self {
+            PortKey::NsPort(n, _) | PortKey::NsOther(n) => Some(n),
+            _ => None,
         }
     }
 }
@@ -187,7 +198,8 @@ const SYNTHETIC_LIMIT: u64 = 1 << 47;
 /// back from that dump.
 const RECENT_CLOSES: usize = 65_536;
 
-type Tuple = (SocketAddr, SocketAddr);
+/// (network namespace, local, remote); the namespace is 0 when events do not carry it.
+type Tuple = (u32, SocketAddr, SocketAddr);
 
 /// A lingering socket left its state: how, and what it was.
 #[derive(Clone, Debug, PartialEq)]
@@ -228,7 +240,11 @@ pub struct Snapshot {
 pub struct Table {
     conns: FxHashMap<u64, Conn>,
     stats: FxHashMap<(Role, PortKey), Box<PortStats>>,
-    tracked_ports: [FxHashSet<u16>; 2],
+    tracked_ports: [FxHashSet<(u32, u16)>; 2],
+    /// Aggregate per network namespace (`--per-netns`).
+    per_netns: bool,
+    /// Events carry the socket's namespace (the BTF offsets were found): match on it.
+    netns_in_events: bool,
     max_ports: usize,
     overflow_reported: [bool; 2],
     /// Local ports with a listening socket, and how many.
@@ -259,6 +275,8 @@ impl Table {
             stats: FxHashMap::default(),
             tracked_ports: [FxHashSet::default(), FxHashSet::default()],
             max_ports,
+            per_netns: false,
+            netns_in_events: false,
             overflow_reported: [false; 2],
             listening: FxHashMap::default(),
             ephemeral,
@@ -271,6 +289,22 @@ impl Table {
             orphans: Vec::new(),
             reconcile: ReconcileTotals::default(),
         }
+    }
+
+    /// Aggregates per network namespace (metrics get a `netns` label).
+    pub fn per_netns(mut self, on: bool) -> Self {
+        self.per_netns = on;
+        self
+    }
+
+    /// Whether events carry the socket's namespace, so that sock_diag sockets are matched on it.
+    pub fn netns_in_events(mut self, on: bool) -> Self {
+        self.netns_in_events = on;
+        self
+    }
+
+    fn tuple(&self, netns: u32, local: SocketAddr, remote: SocketAddr) -> Tuple {
+        (if self.netns_in_events { netns } else { 0 }, local, remote)
     }
 
     pub fn len(&self) -> usize {
@@ -335,7 +369,8 @@ impl Table {
 
         if open.is_none() && !self.seeded_by_tuple.is_empty() && !self.conns.contains_key(&t.sock) {
             // A socket known from sock_diag shows itself: it is the same socket.
-            if let Some(synthetic) = self.take_seeded(&(t.local, t.remote)) {
+            let tuple = self.tuple(t.netns, t.local, t.remote);
+            if let Some(synthetic) = self.take_seeded(&tuple) {
                 let conn = self.conns.remove(&synthetic).expect("indexed");
                 self.conns.insert(t.sock, conn);
             }
@@ -394,8 +429,8 @@ impl Table {
                 if self.recent_closes.len() == RECENT_CLOSES {
                     self.recent_closes.pop_front();
                 }
-                self.recent_closes
-                    .push_back(((conn.local, conn.remote), t.ts_ns));
+                let tuple = self.tuple(conn.netns, conn.local, conn.remote);
+                self.recent_closes.push_back((tuple, t.ts_ns));
                 return;
             }
             stats.current[t.new.index()] += 1;
@@ -409,13 +444,13 @@ impl Table {
             if t.remote.port() != 0 {
                 conn.remote = t.remote;
             }
-            if !was_complete && complete(conn) && !self.seeded_by_tuple.is_empty() {
-                // A dump that ran while this socket opened may have added it already.
-                let tuple = (conn.local, conn.remote);
-                if let Some(dup) = self.take_seeded(&tuple) {
-                    let dup = self.conns.remove(&dup).expect("indexed");
-                    self.forget(&dup);
-                }
+            if !was_complete && complete(conn) {
+                let tuple = (
+                    if self.netns_in_events { conn.netns } else { 0 },
+                    conn.local,
+                    conn.remote,
+                );
+                self.drop_seeded_twin(&tuple);
             }
             return;
         }
@@ -428,7 +463,7 @@ impl Table {
                 (role, port, t.new == Listen)
             }
         };
-        let key = self.port_key(role, service_port);
+        let key = self.port_key(role, t.netns, service_port);
         let stats = self.stats.entry((role, key)).or_default();
         stats.transitions[t.old.index()][t.new.index()] += 1;
         if open.is_none()
@@ -443,25 +478,41 @@ impl Table {
         if listener {
             *self.listening.entry(t.local.port()).or_default() += 1;
         }
-        self.conns.insert(
-            t.sock,
-            Conn {
-                local: t.local,
-                remote: t.remote,
-                role,
-                service_port,
-                key,
-                state: t.new,
-                since_ns: t.ts_ns,
-                opened_ns: open.map(|_| t.ts_ns),
-                listener,
-                netns: t.netns,
-                pid: if role == Role::Client { t.pid } else { 0 },
-                lingering: false,
-                seeded: false,
-                inode: 0,
-            },
-        );
+        let conn = Conn {
+            local: t.local,
+            remote: t.remote,
+            role,
+            service_port,
+            key,
+            state: t.new,
+            since_ns: t.ts_ns,
+            opened_ns: open.map(|_| t.ts_ns),
+            listener,
+            netns: t.netns,
+            pid: if role == Role::Client { t.pid } else { 0 },
+            lingering: false,
+            seeded: false,
+            inode: 0,
+        };
+        // Some opens carry the whole tuple already (a listener; on recent kernels an accepted
+        // socket's LISTEN -> SYN_RECV too).
+        if complete(&conn) {
+            let tuple = self.tuple(conn.netns, conn.local, conn.remote);
+            self.drop_seeded_twin(&tuple);
+        }
+        self.conns.insert(t.sock, conn);
+    }
+
+    /// A dump that ran while a socket opened may have added it already, before the socket's own
+    /// events reached the table: the seeded copy goes.
+    fn drop_seeded_twin(&mut self, tuple: &Tuple) {
+        if self.seeded_by_tuple.is_empty() {
+            return;
+        }
+        if let Some(dup) = self.take_seeded(tuple) {
+            let dup = self.conns.remove(&dup).expect("indexed");
+            self.forget(&dup);
+        }
     }
 
     /// A consistent copy of the aggregates.
@@ -538,7 +589,10 @@ impl Table {
 
         let mut kernel: FxHashMap<Tuple, Vec<&DiagSocket>> = FxHashMap::default();
         for d in dump.iter().filter(|d| !d.timewait) {
-            kernel.entry((d.local, d.remote)).or_default().push(d);
+            kernel
+                .entry(self.tuple(d.netns, d.local, d.remote))
+                .or_default()
+                .push(d);
         }
         // Sockets still opening have half a tuple in their events (the local port of a connect
         // or the remote port of an accept is 0): match them on the half that is known.
@@ -556,7 +610,7 @@ impl Table {
         let mut ours: FxHashMap<Tuple, Vec<(u64, u64)>> = FxHashMap::default();
         for (&sock, conn) in &self.conns {
             if complete(conn) {
-                ours.entry((conn.local, conn.remote))
+                ours.entry(self.tuple(conn.netns, conn.local, conn.remote))
                     .or_default()
                     .push((conn.since_ns, sock));
             } else if conn.since_ns < started_ns {
@@ -614,7 +668,8 @@ impl Table {
         for sock in to_drop {
             let conn = self.conns.remove(&sock).expect("listed");
             self.forget(&conn);
-            if let Some(v) = self.seeded_by_tuple.get_mut(&(conn.local, conn.remote)) {
+            let tuple = self.tuple(conn.netns, conn.local, conn.remote);
+            if let Some(v) = self.seeded_by_tuple.get_mut(&tuple) {
                 v.retain(|s| *s != sock);
             }
             if conn.lingering {
@@ -665,7 +720,7 @@ impl Table {
         self.orphans.clear();
         for d in dump.iter().filter(|d| d.timewait) {
             let (role, port) = self.dump_role(d, &listening);
-            let key = self.port_key(role, port);
+            let key = self.port_key(role, d.netns, port);
             self.stats.entry((role, key)).or_default();
             let slot = self.timewait.entry((role, key)).or_default();
             match d.state {
@@ -700,7 +755,7 @@ impl Table {
 
     fn add_seeded(&mut self, d: &DiagSocket, listening: &FxHashSet<(u32, u16)>, now_ns: u64) {
         let (role, service_port) = self.dump_role(d, listening);
-        let key = self.port_key(role, service_port);
+        let key = self.port_key(role, d.netns, service_port);
         let stats = self.stats.entry((role, key)).or_default();
         stats.current[d.state.index()] += 1;
         stats.seeded[d.state.index()] += 1;
@@ -729,10 +784,8 @@ impl Table {
                 inode: d.inode,
             },
         );
-        self.seeded_by_tuple
-            .entry((d.local, d.remote))
-            .or_default()
-            .push(sock);
+        let tuple = self.tuple(d.netns, d.local, d.remote);
+        self.seeded_by_tuple.entry(tuple).or_default().push(sock);
     }
 
     /// Takes one seeded socket with this 4-tuple out of the index.
@@ -775,14 +828,19 @@ impl Table {
     }
 
     /// The aggregate key for a service port, bounded to `max_ports` distinct ports per role.
-    fn port_key(&mut self, role: Role, port: u16) -> PortKey {
+    fn port_key(&mut self, role: Role, netns: u32, port: u16) -> PortKey {
+        let (ns, key, other) = if self.per_netns {
+            (netns, PortKey::NsPort(netns, port), PortKey::NsOther(netns))
+        } else {
+            (0, PortKey::Port(port), PortKey::Other)
+        };
         let tracked = &mut self.tracked_ports[role.idx()];
-        if tracked.contains(&port) {
-            return PortKey::Port(port);
+        if tracked.contains(&(ns, port)) {
+            return key;
         }
         if tracked.len() < self.max_ports {
-            tracked.insert(port);
-            return PortKey::Port(port);
+            tracked.insert((ns, port));
+            return key;
         }
         if !self.overflow_reported[role.idx()] {
             self.overflow_reported[role.idx()] = true;
@@ -794,7 +852,7 @@ impl Table {
                 role.label()
             );
         }
-        PortKey::Other
+        other
     }
 }
 
@@ -1352,6 +1410,41 @@ mod tests {
     }
 
     #[test]
+    fn an_open_that_carries_its_whole_tuple_replaces_its_seeded_twin() {
+        let mut t = table();
+        let dump = [
+            diag(Listen, "[::1]:7102", "[::]:0"),
+            diag(Established, "[::1]:7102", "[::1]:49486"),
+        ];
+        // The dump's result reaches the table before the events of the same moment.
+        t.reconcile(&dump, 10, 20, FIN);
+        t.apply(&tr(SOCK_A, 11, Close, Listen, "[::1]:7102", "[::]:0"));
+        t.apply(&tr(
+            SOCK_B,
+            12,
+            Listen,
+            SynRecv,
+            "[::1]:7102",
+            "[::1]:49486",
+        ));
+        t.apply(&tr(
+            SOCK_B,
+            13,
+            SynRecv,
+            Established,
+            "[::1]:7102",
+            "[::1]:49486",
+        ));
+        assert_eq!(t.len(), 2);
+        assert_eq!(current(&t, Role::Server, 7102, Listen), 1);
+        assert_eq!(current(&t, Role::Server, 7102, Established), 1);
+        assert_eq!(
+            t.stats(Role::Server, PortKey::Port(7102)).unwrap().seeded,
+            [0; STATES]
+        );
+    }
+
+    #[test]
     fn timewait_sockets_are_counted_per_port_and_orphans_aged_from_their_timer() {
         let mut t = table();
         let mut tw = diag(TimeWait, "10.0.0.1:40000", "10.0.0.2:80");
@@ -1372,6 +1465,41 @@ mod tests {
         t.reconcile(&[], 200 * s, 200 * s, FIN);
         assert_eq!(t.snapshot().ports[0].2.current, [0; STATES]);
         assert!(t.orphans().is_empty());
+    }
+
+    #[test]
+    fn per_netns_keeps_namespaces_apart_and_bounds_ports_per_pair() {
+        let mut t = Table::new(2, DEFAULT_EPHEMERAL)
+            .per_netns(true)
+            .netns_in_events(true);
+        let mut open = |sock, netns, port: u16| {
+            let mut e = tr(
+                sock,
+                1,
+                Close,
+                Listen,
+                &format!("0.0.0.0:{port}"),
+                "0.0.0.0:0",
+            );
+            e.netns = netns;
+            t.apply(&e);
+        };
+        open(1, 100, 8080);
+        open(2, 200, 8080);
+        open(3, 200, 9090);
+        let keys: Vec<_> = t.snapshot().ports.iter().map(|(_, k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            vec![
+                PortKey::NsPort(100, 8080),
+                PortKey::NsPort(200, 8080),
+                PortKey::NsOther(200)
+            ],
+            "two (namespace, port) pairs tracked, the third under other"
+        );
+        assert_eq!(PortKey::NsPort(100, 8080).label(), "8080");
+        assert_eq!(PortKey::NsOther(7).netns(), Some(7));
+        assert_eq!(PortKey::Port(1).netns(), None);
     }
 
     #[test]

@@ -237,3 +237,68 @@ fn after_forced_loss_one_reconciliation_restores_the_counts() {
         .sum();
     assert!(corrected > 0.0, "the repair is counted");
 }
+
+/// Counts of `tcpstate_connections` for one port and one namespace (the `netns` label).
+fn counts_in(
+    text: &str,
+    port: u16,
+    netns: u32,
+) -> std::collections::BTreeMap<(String, String), u64> {
+    let (port, netns) = (port.to_string(), netns.to_string());
+    samples(text, "tcpstate_connections")
+        .into_iter()
+        .filter(|(l, v)| l["port"] == port && l.get("netns") == Some(&netns) && *v > 0.0)
+        .map(|(l, v)| ((l["role"].clone(), l["state"].clone()), v as u64))
+        .collect()
+}
+
+#[test]
+fn two_namespaces_on_the_same_port_are_counted_apart_with_per_netns() {
+    require_root();
+    let (a, b) = (Netns::new("nsa"), Netns::new("nsb"));
+    let inode = |ns: &Netns| {
+        tcpstate::sockdiag::netns_inode(std::path::Path::new(&format!("/run/netns/{}", ns.name)))
+            .unwrap()
+    };
+    let agent = AgentProc::start(&["--per-netns", "--reconcile-interval", "1s"]);
+    let port = 7605u16;
+    let leak = |n: usize| {
+        move || {
+            let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+            let mut held = Vec::new();
+            for _ in 0..n {
+                let (client, server) = connect_pair(&listener);
+                client.shutdown(Shutdown::Write).unwrap();
+                held.extend([client, server]);
+            }
+            let (c, s) = connect_pair(&listener);
+            held.extend([c, s]);
+            (listener, held)
+        }
+    };
+    let _held_a = a.enter(leak(2));
+    let _held_b = b.enter(leak(5));
+    for (ns, leaked) in [(&a, 2u64), (&b, 5u64)] {
+        let id = inode(ns);
+        eventually(Duration::from_secs(4), || {
+            let ours = counts_in(&agent.metrics(), port, id);
+            let ss = ns.ss_counts(port);
+            if ss.get(&("server".into(), "close_wait".into())) != Some(&leaked) {
+                return Err(format!("{}: ss {ss:?}", ns.name));
+            }
+            if ours == ss {
+                Ok(())
+            } else {
+                Err(format!("{}: tcpstate {ours:?}, ss {ss:?}", ns.name))
+            }
+        });
+    }
+    // Without the label there would be one series per port; with it, none lacks the namespace.
+    let text = agent.metrics();
+    assert!(
+        samples(&text, "tcpstate_connections")
+            .iter()
+            .filter(|(l, _)| l["port"] == port.to_string())
+            .all(|(l, _)| l.contains_key("netns"))
+    );
+}

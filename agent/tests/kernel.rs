@@ -83,15 +83,24 @@ fn connection_counts_equal_ss_for_both_roles_over_ipv4_and_ipv6() {
     for (_, port) in ports {
         eventually(Duration::from_secs(5), || {
             let ss = ns.ss_counts(port);
-            let ours = agent_counts(&agent.metrics(), port);
+            let text = agent.metrics();
+            let ours = agent_counts(&text, port);
             if ss != expected {
                 return Err(format!(
                     "port {port}: ss shows {ss:?}, the scenario wants {expected:?}"
                 ));
             }
             if ours != ss {
+                let context: Vec<&str> = text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("tcpstate_events_lost_total")
+                            || l.starts_with("tcpstate_table_inconsistencies_total")
+                            || l.starts_with("tcpstate_reconcile")
+                    })
+                    .collect();
                 return Err(format!(
-                    "port {port}: tcpstate says {ours:?}, ss says {ss:?}"
+                    "port {port}: tcpstate says {ours:?}, ss says {ss:?}; {context:?}"
                 ));
             }
             Ok(())
@@ -130,6 +139,13 @@ fn transitions_during(
             ring_bytes: 1 << 20,
             max_sockets: 4096,
             wakeup_bytes: 1 << 18,
+            netns: Some(
+                tcpstate::btf::netns_offsets(
+                    &tcpstate::btf::Btf::from_file(std::path::Path::new(tcpstate::btf::VMLINUX))
+                        .unwrap(),
+                )
+                .unwrap(),
+            ),
         },
     )
     .expect("load and attach the eBPF program");
@@ -193,6 +209,7 @@ fn close_client_first(ip: &str, port: u16) {
 fn every_transition_arrives_in_order_on_both_ends() {
     require_root();
     let ns = Netns::new("order");
+    let ns_name = ns.name.clone();
     let ports = [7201u16, 7202];
     let client_seq = [
         (Close, SynSent),
@@ -276,6 +293,15 @@ fn every_transition_arrives_in_order_on_both_ends() {
             std::process::id(),
             "port {port}: connect() pid"
         );
+        // Every event carries the socket's network namespace: the test's own.
+        let inode = tcpstate::sockdiag::netns_inode(std::path::Path::new(&format!(
+            "/run/netns/{}",
+            ns_name
+        )))
+        .unwrap();
+        for t in client[0].iter().chain(server[0].iter()) {
+            assert_eq!(t.netns, inode, "port {port}: {t:?}");
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 
 /// Name of the ring buffer that carries [`Event`]s to userspace.
 pub const EVENTS_MAP: &str = "EVENTS";
-/// Name of the LRU hash `skaddr -> ns timestamp the socket entered its current state`.
+/// Name of the LRU hash `skaddr -> SockState` (state entry time, network namespace).
 pub const SOCK_STATE_MAP: &str = "SOCK_STATE";
 /// Name of the per-CPU array (one `u64` slot) counting events dropped because the ring was full.
 pub const DROPS_MAP: &str = "DROPS";
@@ -82,12 +82,29 @@ pub struct Config {
     /// Wake the reader only once this many bytes are waiting in the ring; below that the
     /// agent drains on its own timer. A per-event wakeup costs more than the event itself.
     pub wakeup_bytes: u32,
+    /// Offset of the `struct net *` in `struct sock` (`__sk_common.skc_net.net`), from BTF;
+    /// 0 when unknown: events then carry netns 0.
+    pub sock_net: u16,
+    /// Offset of `ns.inum` in `struct net`, from BTF.
+    pub net_inum: u16,
+}
+
+/// Value of the per-socket map: when the socket entered its state, and its network namespace
+/// (read once, at the socket's first event).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    pub entered_ns: u64,
+    pub netns: u32,
+    pub _pad: u32,
 }
 
 impl Config {
     pub const ZERO: Config = Config {
         layout: Layout::ZERO,
         wakeup_bytes: 0,
+        sock_net: 0,
+        net_inum: 0,
     };
 }
 
@@ -124,7 +141,8 @@ pub struct Event {
 /// Size of [`Event`] on the wire.
 pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
 const _: () = assert!(EVENT_SIZE == 72);
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 36);
+const _: () = assert!(core::mem::size_of::<SockState>() == 16);
 
 /// TCP states as `include/net/tcp_states.h` numbers them.
 #[repr(u8)]
@@ -235,6 +253,7 @@ mod user {
     unsafe impl aya::Pod for super::Layout {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::SockState {}
 }
 
 #[cfg(test)]

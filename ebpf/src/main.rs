@@ -15,13 +15,16 @@ mod program {
     use aya_ebpf::{
         EbpfContext as _,
         bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-        helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
+        helpers::{
+            bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+            bpf_probe_read_kernel_buf,
+        },
         macros::{map, tracepoint},
         maps::{LruHashMap, PerCpuArray, RingBuf},
         programs::TracePointContext,
     };
     use aya_log_ebpf::error;
-    use tcpstate_common::{AF_INET6, Config, Event, IPPROTO_TCP, MAX_SPAN, TcpState};
+    use tcpstate_common::{AF_INET6, Config, Event, IPPROTO_TCP, MAX_SPAN, SockState, TcpState};
 
     /// Offsets of the tracepoint's fields and the wakeup threshold. Overridden by the agent before
     /// load (aya's `EbpfLoader::override_global`) from
@@ -39,7 +42,7 @@ mod program {
     /// sockets whose `-> CLOSE` we never see cannot fill it. The entry is deleted at `-> CLOSE`
     /// because the kernel reuses `struct sock` addresses after free.
     #[map]
-    static SOCK_STATE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(131_072, 0);
+    static SOCK_STATE: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(131_072, 0);
 
     /// Events lost because the ring buffer was full: only the program can know, so it counts
     /// them here, per CPU (no atomics on the hot path). The agent sums the slots.
@@ -76,6 +79,24 @@ mod program {
         }
         // SAFETY: in bounds (checked above); `T` is a plain integer type or byte array.
         unsafe { core::ptr::read_unaligned(span.as_ptr().add(at).cast::<T>()) }
+    }
+
+    /// The inode of the socket's network namespace: `sk->__sk_common.skc_net.net->ns.inum`, at
+    /// offsets the agent read from BTF. 0 when they are unknown or a read fails.
+    #[inline(always)]
+    fn socket_netns(skaddr: u64, cfg: &Config) -> u32 {
+        if cfg.sock_net == 0 {
+            return 0;
+        }
+        // SAFETY: the helper checks the addresses; a bad one reads as an error, not a fault.
+        unsafe {
+            let net = match bpf_probe_read_kernel((skaddr + u64::from(cfg.sock_net)) as *const u64)
+            {
+                Ok(net) if net != 0 => net,
+                _ => return 0,
+            };
+            bpf_probe_read_kernel((net + u64::from(cfg.net_inum)) as *const u32).unwrap_or(0)
+        }
     }
 
     #[inline(always)]
@@ -115,21 +136,23 @@ mod program {
         // SAFETY: the helper has no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
         let mut prev_state_ns = 0;
+        let netns;
         // An LRU insert of an existing key allocates a new node and frees the old one under the
         // LRU lock; overwriting the value in place is a plain store. So: insert on a socket's
         // first event only, update in place after, delete at CLOSE.
         let closing = newstate == TcpState::Close as i32;
         match SOCK_STATE.get_ptr_mut(&skaddr) {
-            Some(entered) => {
+            Some(st) => {
                 // SAFETY: the pointer is into the map value, valid for this program run; a
                 // concurrent transition of the same socket cannot happen (socket lock).
                 unsafe {
-                    prev_state_ns = now.saturating_sub(*entered);
+                    prev_state_ns = now.saturating_sub((*st).entered_ns);
+                    netns = (*st).netns;
                     // The kernel also reports self-transitions: close() of a socket already in
                     // FIN_WAIT2 sets FIN_WAIT2 again (tcp_close_state) before it becomes a
                     // timewait socket. The socket did not leave its state: keep the entry time.
                     if oldstate != newstate {
-                        *entered = now;
+                        (*st).entered_ns = now;
                     }
                 }
                 if closing {
@@ -137,10 +160,18 @@ mod program {
                     let _ = SOCK_STATE.remove(&skaddr);
                 }
             }
-            None if !closing => {
-                let _ = SOCK_STATE.insert(&skaddr, &now, 0);
+            None => {
+                // First sight of this socket: read its namespace once and keep it.
+                netns = socket_netns(skaddr, &cfg);
+                if !closing {
+                    let st = SockState {
+                        entered_ns: now,
+                        netns,
+                        _pad: 0,
+                    };
+                    let _ = SOCK_STATE.insert(&skaddr, &st, 0);
+                }
             }
-            None => {}
         }
 
         // The reader drains on a short timer; a wakeup per event would cost more than the
@@ -190,7 +221,7 @@ mod program {
                 daddr.write_unaligned(u64::from(field::<u32>(span, s, l.daddr)));
                 daddr.add(1).write_unaligned(0);
             }
-            (*e).netns = 0;
+            (*e).netns = netns;
             (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
             (*e).sport = field::<u16>(span, s, l.sport);
             (*e).dport = field::<u16>(span, s, l.dport);
