@@ -16,7 +16,7 @@ use crate::config::{self, AgentConfig};
     long_about = "tcpstate follows every TCP state transition on this host with an eBPF program on \
 the tracepoint sock:inet_sock_set_state, keeps a live table of connections per service port, and \
 exports it as Prometheus metrics.",
-    after_help = "Examples:\n  sudo tcpstate agent\n  sudo tcpstate agent --listen 127.0.0.1:10610 --max-ports 1024\n  curl -s localhost:10610/metrics | grep close_wait"
+    after_help = "Examples:\n  sudo tcpstate agent\n  tcpstate ports\n  tcpstate conns --port 8080 --lingering\n  tcpstate watch --state close_wait\n  curl -s localhost:10610/metrics | grep close_wait"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -30,6 +30,65 @@ pub enum Command {
         after_help = "Needs root, or CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN to mount tracefs when it is missing).\n\nExample:\n  sudo tcpstate agent --listen 127.0.0.1:10610"
     )]
     Agent(AgentArgs),
+    /// Per service port and role: connections per state, lingering, oldest lingering age.
+    #[command(
+        after_help = "Sorted by lingering connections, then by total.\n\nExample:\n  tcpstate ports\n  tcpstate ports --json | jq '.[] | select(.lingering > 0)'"
+    )]
+    Ports(ClientArgs),
+    /// The connections: addresses, state, age in state, role, owner.
+    #[command(
+        after_help = "Ages marked > are lower bounds (the socket existed before the agent saw it change).\n\nExample:\n  tcpstate conns --port 8080 --state close_wait\n  tcpstate conns --lingering --json"
+    )]
+    Conns(ConnsArgs),
+    /// Live transitions, one line each, with the time spent in the state left.
+    #[command(
+        after_help = "Runs until interrupted. A watch that cannot keep up is disconnected by the agent.\n\nExample:\n  tcpstate watch --port 8080\n  tcpstate watch --state close_wait --json"
+    )]
+    Watch(WatchArgs),
+    /// The agent: version, uptime, kernel, event rate, losses, tracked sockets.
+    #[command(after_help = "Example:\n  tcpstate status")]
+    Status(ClientArgs),
+}
+
+/// Flags every client command takes.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The agent's API socket.
+    #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET, env = "TCPSTATE_SOCKET")]
+    pub socket: PathBuf,
+    /// Machine-readable output (stable field names).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only connections of this service port.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Only connections in this state (close_wait, CLOSE_WAIT, fin_wait2, ...).
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
+    /// Only this role.
+    #[arg(long, value_parser = ["server", "client"])]
+    pub role: Option<String>,
+    /// Only lingering connections.
+    #[arg(long)]
+    pub lingering: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only transitions where either end uses this port.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Only transitions into or out of this state.
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,6 +145,10 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_reconcile)]
     pub reconcile_interval: Duration,
 
+    /// The local API's Unix socket (directory 0750, socket 0660, group `tcpstate` if it exists).
+    #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET, env = "TCPSTATE_SOCKET")]
+    pub socket: PathBuf,
+
     /// tracefs mount point [default: /sys/kernel/tracing, mounted if missing].
     #[arg(long, value_name = "PATH")]
     pub tracefs: Option<PathBuf>,
@@ -136,6 +199,7 @@ impl AgentArgs {
             reconcile_interval: self.reconcile_interval,
             linger_log_cap: self.linger_log_cap,
             per_netns: self.per_netns,
+            socket: self.socket.clone(),
             thresholds: {
                 let base = Thresholds::default();
                 let both = self.linger_after;
@@ -155,7 +219,9 @@ mod tests {
     #[test]
     fn defaults() {
         let cli = Cli::try_parse_from(["tcpstate", "agent"]).unwrap();
-        let Command::Agent(a) = cli.command;
+        let Command::Agent(a) = cli.command else {
+            panic!("agent")
+        };
         let c = a.config();
         assert_eq!(c.listen, "0.0.0.0:10610".parse().unwrap());
         assert_eq!(c.max_ports, 512);
@@ -175,7 +241,9 @@ mod tests {
             "5m",
         ])
         .unwrap();
-        let Command::Agent(a) = cli.command;
+        let Command::Agent(a) = cli.command else {
+            panic!("agent")
+        };
         let t = a.config().thresholds;
         assert_eq!(t.close_wait, Duration::from_millis(500));
         assert_eq!(t.fin_wait2, Duration::from_secs(300));

@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub linger_log_cap: usize,
     /// Aggregate per network namespace.
     pub per_netns: bool,
+    /// The local API's Unix socket.
+    pub socket: PathBuf,
 }
 
 impl AgentConfig {

@@ -3,7 +3,7 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -32,6 +32,8 @@ pub enum AgentError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Api(#[from] crate::apiserver::ApiError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -41,6 +43,8 @@ pub enum AgentError {
 
 /// Queue depth, in batches, between the reader and the table task.
 const BATCH_QUEUE: usize = 64;
+/// Transitions a `watch` subscriber may fall behind before it is dropped.
+const WATCH_QUEUE: usize = 16_384;
 
 /// Runs the agent until SIGINT or SIGTERM; returns once the program is detached.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
@@ -83,6 +87,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         what: "reading the listening address",
         source,
     })?;
+    let api_listener = crate::apiserver::bind(&cfg.socket)?;
     let tracefs = tracefs::locate(cfg.tracefs.as_deref())?;
     let layout = tracefs::read_layout(&tracefs)?;
     tracing::debug!(?layout, tracefs = %tracefs.display(), "tracepoint layout");
@@ -159,6 +164,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         .netns_in_events(netns.is_some());
     let detector = Detector::new(cfg.thresholds);
     let (alert_tx, alert_rx) = mpsc::channel(64);
+    let (watch_tx, _) = broadcast::channel(WATCH_QUEUE);
     tasks.push(tokio::spawn(own_table(
         table,
         detector,
@@ -166,6 +172,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         req_rx,
         alert_tx,
         cfg.linger_log_cap,
+        watch_tx.clone(),
     )));
     tasks.push(tokio::spawn(log_alerts(alert_rx)));
     tasks.push(tokio::spawn(reconcile_every(
@@ -182,6 +189,43 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         registry: metrics::process_registry(),
         ring_bytes: u64::from(cfg.ring_bytes),
     };
+    // Events per second over the last five seconds, for `tcpstate status`.
+    let rate = Arc::new(Mutex::new(0.0f64));
+    let (stats, out, mut stop) = (reader_stats.clone(), rate.clone(), shutdown_rx.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut samples = std::collections::VecDeque::from([(std::time::Instant::now(), 0u64)]);
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            samples.push_back((std::time::Instant::now(), stats.load().0));
+            if samples.len() > 6 {
+                samples.pop_front();
+            }
+            let ((t0, e0), (t1, e1)) = (samples[0], samples[samples.len() - 1]);
+            let secs = (t1 - t0).as_secs_f64();
+            if secs > 0.0
+                && let Ok(mut r) = out.lock()
+            {
+                *r = (e1 - e0) as f64 / secs;
+            }
+        }
+    }));
+
+    let api_state = crate::apiserver::ApiState {
+        app: state.clone(),
+        watch: watch_tx,
+        started: std::time::Instant::now(),
+        rate,
+    };
+    let stop = shutdown_rx.clone();
+    let socket = cfg.socket.clone();
+    tasks.push(tokio::spawn(async move {
+        crate::apiserver::serve(api_listener, socket, api_state, stop).await;
+    }));
+
     let stop = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = crate::http::serve(listener, state, stop).await {
@@ -227,13 +271,23 @@ async fn own_table(
     mut requests: mpsc::Receiver<Request>,
     alert_tx: mpsc::Sender<Vec<alerts::LogRecord>>,
     log_cap: usize,
+    watch_tx: broadcast::Sender<crate::decode::Transition>,
 ) {
     let mut tick = tokio::time::interval(detector.thresholds().check_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             batch = batches.recv() => match batch {
-                Some(batch) => batch.iter().for_each(|t| table.apply(t)),
+                Some(batch) => {
+                    batch.iter().for_each(|t| table.apply(t));
+                    // Only while someone watches: a broadcast send never blocks, and a watcher
+                    // that falls behind loses its place, not ours.
+                    if watch_tx.receiver_count() > 0 {
+                        for t in &batch {
+                            let _ = watch_tx.send(*t);
+                        }
+                    }
+                }
                 // The reader is gone: the agent is stopping.
                 None => break,
             },
@@ -256,6 +310,9 @@ async fn own_table(
                         thresholds: detector.thresholds(),
                         now_ns: now,
                     });
+                }
+                Request::Conns { filter, reply } => {
+                    let _ = reply.send(crate::apiserver::conn_rows(&table, &filter, monotonic_ns()));
                 }
                 Request::Reconcile { dump, started_ns, fin_timeout } => {
                     // Events already read belong before the dump's result.

@@ -30,6 +30,11 @@ pub struct View {
 /// What other tasks may ask of the table task.
 pub enum Request {
     View(oneshot::Sender<View>),
+    /// The connections matching a filter (for the API's `conns`).
+    Conns {
+        filter: crate::apiserver::ConnFilter,
+        reply: oneshot::Sender<Vec<crate::api::ConnRow>>,
+    },
     /// A sock_diag dump of every namespace, started at `started_ns`, to reconcile with.
     Reconcile {
         dump: crate::sockdiag::HostDump,
@@ -43,6 +48,18 @@ pub enum Request {
 pub struct TableHandle(pub mpsc::Sender<Request>);
 
 impl TableHandle {
+    pub async fn conns(
+        &self,
+        filter: crate::apiserver::ConnFilter,
+    ) -> Option<Vec<crate::api::ConnRow>> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send(Request::Conns { filter, reply: tx })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+
     pub async fn view(&self) -> Option<View> {
         let (tx, rx) = oneshot::channel();
         self.0.send(Request::View(tx)).await.ok()?;

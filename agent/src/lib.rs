@@ -14,11 +14,15 @@
 //! - [`sockdiag`] dumps every TCP socket of every namespace: seeding, repair, timewait.
 //! - [`alerts`] finds connections lingering in CLOSE_WAIT or FIN_WAIT2, on a timer.
 //! - [`metrics`] builds the Prometheus families from a table snapshot at scrape time.
-//! - [`http`] serves them; [`daemon`] wires it all and handles shutdown.
+//! - [`http`] serves them; [`apiserver`] answers the local API ([`api`]) that the CLI
+//!   ([`client`]) uses; [`daemon`] wires it all and handles shutdown.
 pub mod alerts;
+pub mod api;
+pub mod apiserver;
 pub mod bpf;
 pub mod btf;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod decode;

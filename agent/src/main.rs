@@ -3,7 +3,11 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tcpstate::cli::{Cli, Command, LogFormat};
+use std::io::Write;
+
+use tcpstate::api::{Command as ApiCommand, Reply};
+use tcpstate::cli::{Cli, ClientArgs, Command, LogFormat, WatchArgs};
+use tcpstate::client::{self, Client};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -46,6 +50,90 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Command::Ports(args) => client_command(&args, ApiCommand::Ports, |r, colour| {
+            let rows = r.ports.unwrap_or_default();
+            (
+                serde_json::to_string_pretty(&rows),
+                client::render_ports(&rows, colour),
+            )
+        }),
+        Command::Status(args) => client_command(&args, ApiCommand::Status, |r, _| {
+            let s = r.status.unwrap_or_default();
+            (serde_json::to_string_pretty(&s), client::render_status(&s))
+        }),
+        Command::Conns(args) => client_command(
+            &args.client,
+            ApiCommand::Conns {
+                port: args.port,
+                state: args.state.clone(),
+                role: args.role.clone(),
+                lingering: args.lingering,
+            },
+            |r, colour| {
+                let rows = r.conns.unwrap_or_default();
+                (
+                    serde_json::to_string_pretty(&rows),
+                    client::render_conns(&rows, colour),
+                )
+            },
+        ),
+        Command::Watch(args) => watch(&args),
+    }
+}
+
+/// One request, one rendered reply.
+fn client_command(
+    args: &ClientArgs,
+    command: ApiCommand,
+    render: impl FnOnce(Reply, bool) -> (serde_json::Result<String>, String),
+) -> ExitCode {
+    let reply = match Client::connect(&args.socket).and_then(|mut c| c.ask(command)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tcpstate: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (json, human) = render(reply, client::use_colour());
+    if args.json {
+        println!("{}", json.unwrap_or_default());
+    } else {
+        print!("{human}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn watch(args: &WatchArgs) -> ExitCode {
+    let run = || -> Result<(), client::ClientError> {
+        let mut c = Client::connect(&args.client.socket)?;
+        c.send(ApiCommand::Watch {
+            port: args.port,
+            state: args.state.clone(),
+        })?;
+        // The first reply says the subscription is live.
+        c.next_reply()?;
+        let stdout = std::io::stdout();
+        while let Some(reply) = c.next_reply()? {
+            if let Some(e) = reply.event {
+                let line = if args.client.json {
+                    serde_json::to_string(&e).unwrap_or_default()
+                } else {
+                    client::render_event(&e)
+                };
+                let mut out = stdout.lock();
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                    return Ok(()); // the reader went away (a closed pipe)
+                }
+            }
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcpstate: {e}");
+            ExitCode::from(1)
         }
     }
 }

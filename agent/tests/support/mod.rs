@@ -154,6 +154,13 @@ impl AgentProc {
             addr.rsplit(':').next().unwrap()
         ));
         let log = File::create(&log_path).expect("agent log file");
+        // Each agent its own API socket, unless the test names one.
+        let socket = log_path.with_extension("sock").display().to_string();
+        let own_socket: Vec<&str> = if extra.contains(&"--socket") {
+            vec![]
+        } else {
+            vec!["--socket", &socket]
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
             .args([
                 "agent",
@@ -164,6 +171,7 @@ impl AgentProc {
                 "--log-format",
                 "json",
             ])
+            .args(&own_socket)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,0 +1,471 @@
+//! The `tcpstate` CLI's side of the local API: connect, ask, render. Rendering is pure so that
+//! golden files can pin the layout.
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use thiserror::Error;
+
+use crate::api::{
+    self, Command, ConnRow, EventRow, PortRow, Reply, Request, Status, human_duration,
+};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error(
+        "no agent socket at {0}: is `tcpstate agent` running? Start it (sudo tcpstate agent) or pass --socket PATH"
+    )]
+    NoSocket(String),
+    #[error(
+        "permission denied on {0}: run as root, or add your user to the `tcpstate` group (usermod -aG tcpstate $USER) and log in again"
+    )]
+    Permission(String),
+    #[error("the agent is not running (nobody answers on {0}): start it with sudo tcpstate agent")]
+    Refused(String),
+    #[error("talking to the agent on {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the agent sent a reply this CLI cannot read ({0}): use the tcpstate CLI of the same release as the agent"
+    )]
+    Garbled(String),
+    #[error("the agent says: {0}")]
+    Agent(String),
+}
+
+/// A connection to the agent.
+pub struct Client {
+    path: String,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let shown = path.display().to_string();
+        let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ClientError::NoSocket(shown.clone()),
+            std::io::ErrorKind::PermissionDenied => ClientError::Permission(shown.clone()),
+            std::io::ErrorKind::ConnectionRefused => ClientError::Refused(shown.clone()),
+            _ => ClientError::Io {
+                path: shown.clone(),
+                source: e,
+            },
+        })?;
+        let writer = stream.try_clone().map_err(|source| ClientError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        Ok(Client {
+            path: shown,
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    pub fn send(&mut self, command: Command) -> Result<(), ClientError> {
+        let mut line = serde_json::to_string(&Request {
+            v: api::API_VERSION,
+            command,
+        })
+        .expect("requests serialise");
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|source| self.io(source))
+    }
+
+    /// The next reply line; Ok(None) when the agent closed the connection.
+    pub fn next_reply(&mut self) -> Result<Option<Reply>, ClientError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|source| self.io(source))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let reply: Reply =
+            serde_json::from_str(line.trim()).map_err(|e| ClientError::Garbled(e.to_string()))?;
+        if reply.v != api::API_VERSION {
+            return Err(ClientError::Garbled(format!(
+                "API v{} from the agent, v{} here",
+                reply.v,
+                api::API_VERSION
+            )));
+        }
+        if !reply.ok {
+            return Err(ClientError::Agent(reply.error.unwrap_or_default()));
+        }
+        Ok(Some(reply))
+    }
+
+    /// One request, one reply.
+    pub fn ask(&mut self, command: Command) -> Result<Reply, ClientError> {
+        self.send(command)?;
+        self.next_reply()?
+            .ok_or_else(|| ClientError::Agent("the agent closed the connection".into()))
+    }
+
+    fn io(&self, source: std::io::Error) -> ClientError {
+        ClientError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+/// Whether to colour: only on a terminal, and not when NO_COLOR is set.
+pub fn use_colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn state_name(label: &str) -> String {
+    label.to_ascii_uppercase()
+}
+
+/// Left-aligned columns separated by two spaces; the rows flagged `true` are highlighted.
+fn table(header: &[&str], rows: &[(Vec<String>, bool)], colour: bool) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for (r, _) in rows {
+        for (i, cell) in r.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    out.push('\n');
+    for (r, hot) in rows {
+        let l = line(r);
+        if *hot && colour {
+            out.push_str(&format!("\x1b[31m{l}\x1b[0m"));
+        } else {
+            out.push_str(&l);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `tcpstate ports`.
+pub fn render_ports(rows: &[PortRow], colour: bool) -> String {
+    if rows.is_empty() {
+        return "no connections tracked yet\n".into();
+    }
+    let netns = rows.iter().any(|r| r.netns.is_some());
+    let mut header = vec!["PORT", "ROLE"];
+    if netns {
+        header.push("NETNS");
+    }
+    header.extend([
+        "TOTAL",
+        "ESTAB",
+        "CLOSE_WAIT",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "OTHER",
+        "LINGERING",
+        "OLDEST",
+    ]);
+    let body: Vec<(Vec<String>, bool)> = rows
+        .iter()
+        .map(|r| {
+            let n = |s: &str| r.states.get(s).copied().unwrap_or(0);
+            let named = n("established") + n("close_wait") + n("fin_wait2") + n("time_wait");
+            let mut cells = vec![r.port.clone(), r.role.clone()];
+            if netns {
+                cells.push(r.netns.map_or("-".into(), |n| n.to_string()));
+            }
+            cells.extend([
+                r.total.to_string(),
+                n("established").to_string(),
+                n("close_wait").to_string(),
+                n("fin_wait2").to_string(),
+                n("time_wait").to_string(),
+                (r.total - named).to_string(),
+                r.lingering.to_string(),
+                if r.lingering > 0 {
+                    human_duration(r.oldest_lingering_seconds)
+                } else {
+                    "-".into()
+                },
+            ]);
+            (cells, r.lingering > 0)
+        })
+        .collect();
+    table(&header, &body, colour)
+}
+
+fn owner_text(r: &ConnRow) -> String {
+    match r.owners.first() {
+        Some(o) => {
+            let mut s = format!("{} {}", o.pid, o.command);
+            if let Some(c) = &o.container {
+                s.push_str(&format!(" ({})", &c[..12.min(c.len())]));
+            }
+            if r.owners.len() > 1 {
+                s.push_str(&format!(" +{}", r.owners.len() - 1));
+            }
+            s
+        }
+        None if r.opened_by_pid != 0 => format!("{} (connected)", r.opened_by_pid),
+        None => "-".into(),
+    }
+}
+
+/// `tcpstate conns`.
+pub fn render_conns(rows: &[ConnRow], colour: bool) -> String {
+    if rows.is_empty() {
+        return "no matching connections\n".into();
+    }
+    let body: Vec<(Vec<String>, bool)> = rows
+        .iter()
+        .map(|r| {
+            let age = format!(
+                "{}{}",
+                if r.age_is_lower_bound { ">" } else { "" },
+                human_duration(r.age_seconds)
+            );
+            (
+                vec![
+                    r.local.clone(),
+                    r.remote.clone(),
+                    state_name(&r.state),
+                    age,
+                    r.role.clone(),
+                    r.service_port.to_string(),
+                    if r.lingering {
+                        "yes".into()
+                    } else {
+                        "-".into()
+                    },
+                    owner_text(r),
+                ],
+                r.lingering,
+            )
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "LOCAL",
+            "REMOTE",
+            "STATE",
+            "AGE",
+            "ROLE",
+            "PORT",
+            "LINGERING",
+            "OWNER",
+        ],
+        &body,
+        colour,
+    );
+    if rows.iter().any(|r| r.age_is_lower_bound) {
+        out.push_str(
+            "> age is a lower bound: the socket was there before the agent saw it change\n",
+        );
+    }
+    out
+}
+
+/// One line of `tcpstate watch`.
+pub fn render_event(e: &EventRow) -> String {
+    let secs = e.time_ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let spent = e
+        .spent_seconds
+        .map_or(String::new(), |s| format!("  after {}", human_duration(s)));
+    format!(
+        "{h:02}:{m:02}:{s:02}.{:03}  {} -> {}  {} -> {}{spent}",
+        e.time_ms % 1000,
+        state_name(&e.from),
+        state_name(&e.to),
+        e.local,
+        e.remote
+    )
+}
+
+/// `tcpstate status`.
+pub fn render_status(s: &Status) -> String {
+    let rows = [
+        ("version", format!("{} (API v{})", s.version, s.api_version)),
+        ("uptime", human_duration(s.uptime_seconds)),
+        ("kernel", s.kernel.clone()),
+        (
+            "events",
+            format!("{} ({:.0}/s)", s.events_total, s.events_per_second),
+        ),
+        (
+            "lost events",
+            format!(
+                "{} in the kernel, {} in the agent",
+                s.events_lost_kernel, s.events_lost_agent
+            ),
+        ),
+        ("tracked sockets", s.tracked_sockets.to_string()),
+        ("lingering", s.lingering.to_string()),
+        ("ring buffer", format!("{} KiB", s.ring_buffer_bytes / 1024)),
+        (
+            "last reconciliation",
+            s.last_reconcile_seconds_ago.map_or("not yet".into(), |a| {
+                format!("{} ago ({} so far)", human_duration(a), s.reconciliations)
+            }),
+        ),
+    ];
+    rows.iter()
+        .map(|(k, v)| format!("{:<20} {v}\n", format!("{k}:")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::OwnerRow;
+
+    fn ports() -> Vec<PortRow> {
+        vec![
+            PortRow {
+                port: "8080".into(),
+                role: "server".into(),
+                netns: None,
+                states: [("established", 12), ("close_wait", 3), ("listen", 1)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+                total: 16,
+                lingering: 3,
+                lingering_close_wait: 3,
+                lingering_fin_wait2: 0,
+                oldest_lingering_seconds: 192.4,
+            },
+            PortRow {
+                port: "5432".into(),
+                role: "client".into(),
+                netns: None,
+                states: [("established", 40), ("time_wait", 7)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+                total: 47,
+                ..PortRow::default()
+            },
+        ]
+    }
+
+    fn conns() -> Vec<ConnRow> {
+        vec![
+            ConnRow {
+                local: "10.0.0.2:8080".into(),
+                remote: "10.0.0.7:51234".into(),
+                state: "close_wait".into(),
+                age_seconds: 192.4,
+                age_is_lower_bound: true,
+                role: "server".into(),
+                service_port: 8080,
+                netns: 4026531840,
+                lingering: true,
+                inode: 4242,
+                owners: vec![OwnerRow {
+                    pid: 1234,
+                    command: "nginx".into(),
+                    container: Some(
+                        "3f9c2d4e5b6a7980c1d2e3f405162738495a6b7c8d9e0f1a2b3c4d5e6f708192".into(),
+                    ),
+                }],
+                opened_by_pid: 0,
+            },
+            ConnRow {
+                local: "10.0.0.2:45000".into(),
+                remote: "10.0.0.3:5432".into(),
+                state: "established".into(),
+                age_seconds: 3.2,
+                age_is_lower_bound: false,
+                role: "client".into(),
+                service_port: 5432,
+                netns: 4026531840,
+                lingering: false,
+                inode: 0,
+                owners: vec![],
+                opened_by_pid: 777,
+            },
+        ]
+    }
+
+    /// Compares with `tests/golden/NAME`; `UPDATE_GOLDEN=1` rewrites the file instead.
+    fn golden(name: &str, actual: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, actual).unwrap();
+            return;
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run with UPDATE_GOLDEN=1 to create it",
+                path.display()
+            )
+        });
+        assert_eq!(
+            actual, expected,
+            "{name} changed; if intended, run `UPDATE_GOLDEN=1 cargo test -p tcpstate golden`"
+        );
+    }
+
+    #[test]
+    fn golden_ports_layout() {
+        golden("ports.txt", &render_ports(&ports(), false));
+    }
+
+    #[test]
+    fn golden_conns_layout() {
+        golden("conns.txt", &render_conns(&conns(), false));
+    }
+
+    #[test]
+    fn colour_only_marks_lingering_rows() {
+        let plain = render_ports(&ports(), false);
+        let coloured = render_ports(&ports(), true);
+        assert!(!plain.contains('\x1b'));
+        assert_eq!(coloured.matches("\x1b[31m").count(), 1, "one lingering row");
+    }
+
+    #[test]
+    fn events_and_status_read_well() {
+        let e = EventRow {
+            time_ms: 3_723_004,
+            from: "established".into(),
+            to: "close_wait".into(),
+            local: "10.0.0.2:8080".into(),
+            remote: "10.0.0.7:51234".into(),
+            spent_seconds: Some(0.3),
+            netns: 0,
+            pid: 0,
+        };
+        assert_eq!(
+            render_event(&e),
+            "01:02:03.004  ESTABLISHED -> CLOSE_WAIT  10.0.0.2:8080 -> 10.0.0.7:51234  after 300ms"
+        );
+        let s = render_status(&Status {
+            version: "0.1.0".into(),
+            api_version: 1,
+            uptime_seconds: 3700.0,
+            events_total: 10,
+            ..Status::default()
+        });
+        assert!(s.contains("uptime:              1h01m\n"), "{s}");
+        assert!(s.contains("last reconciliation: not yet\n"), "{s}");
+    }
+}

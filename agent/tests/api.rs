@@ -1,0 +1,428 @@
+//! The local API and the `tcpstate` CLI against a real agent. Needs root; fails (never skips)
+//! without it.
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn socket_path(tag: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("tcpstate-api-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.join("api.sock").display().to_string()
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tcpstate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn cli_json(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = cli(args);
+    assert_eq!(code, 0, "tcpstate {args:?}: {err}");
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("tcpstate {args:?} printed no JSON ({e}): {out}"))
+}
+
+fn connect_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, server)
+}
+
+#[test]
+fn conns_ports_and_watch_answer_from_the_live_table() {
+    require_root();
+    let ns = Netns::new("api");
+    let sock = socket_path("live");
+    let agent = AgentProc::start(&["--socket", &sock, "--linger-after", "1s"]);
+    let port = 7701u16;
+    let (_listener, _servers) = ns.enter(|| {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let servers: Vec<TcpStream> = (0..4)
+            .map(|_| {
+                let (client, server) = connect_pair(&listener);
+                drop(client);
+                server
+            })
+            .collect();
+        (listener, servers)
+    });
+    let p = port.to_string();
+
+    // conns: exactly the leaked sockets, with state, role and owner.
+    let conns = eventually(Duration::from_secs(5), || {
+        let v = cli_json(&[
+            "conns",
+            "--socket",
+            &sock,
+            "--port",
+            &p,
+            "--state",
+            "CLOSE_WAIT",
+            "--json",
+        ]);
+        let rows = v.as_array().unwrap().clone();
+        let with_owner = rows
+            .iter()
+            .filter(|r| r["owners"][0]["pid"] == std::process::id())
+            .count();
+        if rows.len() == 4 && with_owner == 4 {
+            Ok(rows)
+        } else {
+            Err(format!(
+                "{} rows, {with_owner} with our pid: {rows:#?}",
+                rows.len()
+            ))
+        }
+    });
+    for r in &conns {
+        assert_eq!(r["state"], "close_wait");
+        assert_eq!(r["role"], "server");
+        assert_eq!(r["service_port"], port);
+        assert!(r["local"].as_str().unwrap().ends_with(&format!(":{port}")));
+        assert_ne!(r["inode"], 0);
+    }
+    // They linger after a second: --lingering finds them.
+    eventually(Duration::from_secs(4), || {
+        let v = cli_json(&[
+            "conns",
+            "--socket",
+            &sock,
+            "--port",
+            &p,
+            "--lingering",
+            "--json",
+        ]);
+        match v.as_array().unwrap().len() {
+            4 => Ok(()),
+            n => Err(format!("{n} lingering")),
+        }
+    });
+
+    // ports agrees with the metrics.
+    let v = cli_json(&["ports", "--socket", &sock, "--json"]);
+    let row = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["port"] == p.as_str() && r["role"] == "server")
+        .cloned()
+        .unwrap_or_else(|| panic!("no server row for {port}: {v:#}"));
+    let text = agent.metrics();
+    for (state, n) in row["states"].as_object().unwrap() {
+        let m = value(
+            &text,
+            "tcpstate_connections",
+            &[
+                ("port", p.as_str()),
+                ("role", "server"),
+                ("state", state.as_str()),
+            ],
+        );
+        assert_eq!(m, n.as_f64(), "{state}");
+    }
+    let lingering = value(
+        &text,
+        "tcpstate_lingering_connections",
+        &[
+            ("port", p.as_str()),
+            ("role", "server"),
+            ("state", "close_wait"),
+        ],
+    );
+    assert_eq!(row["lingering"].as_f64(), lingering);
+    assert_eq!(row["lingering"], 4);
+    assert!(row["oldest_lingering_seconds"].as_f64().unwrap() > 1.0);
+    // The human table lists the port with its lingering count.
+    let (code, human, _) = cli(&["ports", "--socket", &sock]);
+    assert_eq!(code, 0);
+    assert!(human.starts_with("PORT  "), "{human}");
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with(&format!("{port} ")) && l.contains("server")),
+        "{human}"
+    );
+
+    // watch: the transitions of a fresh connection, in order.
+    let wport = 7702u16;
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args([
+            "watch",
+            "--socket",
+            &sock,
+            "--port",
+            &wport.to_string(),
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ns.enter(|| {
+        let listener = TcpListener::bind(("127.0.0.1", wport)).unwrap();
+        let (client, mut server) = connect_pair(&listener);
+        drop(client);
+        let mut b = [0u8; 1];
+        assert_eq!(server.read(&mut b).unwrap(), 0);
+    });
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut seen: Vec<(String, String, String)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.len() < 10 && Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+        // The listener's own transitions are not the connection's.
+        if e["to"] == "listen" || (e["from"] == "listen" && e["to"] == "close") {
+            continue;
+        }
+        let who = if e["local"].as_str().unwrap().ends_with(&format!(":{wport}")) {
+            "server"
+        } else {
+            "client"
+        };
+        seen.push((
+            who.into(),
+            e["from"].as_str().unwrap().into(),
+            e["to"].as_str().unwrap().into(),
+        ));
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let client: Vec<_> = seen
+        .iter()
+        .filter(|s| s.0 == "client")
+        .map(|s| (s.1.as_str(), s.2.as_str()))
+        .collect();
+    let server: Vec<_> = seen
+        .iter()
+        .filter(|s| s.0 == "server" && s.1 != "close")
+        .map(|s| (s.1.as_str(), s.2.as_str()))
+        .collect();
+    assert_eq!(
+        client,
+        [
+            ("close", "syn_sent"),
+            ("syn_sent", "established"),
+            ("established", "fin_wait1"),
+            ("fin_wait1", "fin_wait2"),
+            ("fin_wait2", "close")
+        ],
+        "{seen:?}"
+    );
+    assert_eq!(
+        server,
+        [
+            ("listen", "syn_recv"),
+            ("syn_recv", "established"),
+            ("established", "close_wait"),
+            ("close_wait", "last_ack"),
+            ("last_ack", "close")
+        ],
+        "{seen:?}"
+    );
+
+    let status = cli_json(&["status", "--socket", &sock, "--json"]);
+    assert_eq!(status["api_version"], 1);
+    assert!(status["events_total"].as_u64().unwrap() > 0);
+    assert!(status["reconciliations"].as_u64().unwrap() >= 1);
+    assert_eq!(status["ring_buffer_bytes"], 4 << 20);
+}
+
+#[test]
+fn bad_requests_get_an_error_and_the_agent_keeps_answering() {
+    require_root();
+    let sock = socket_path("bad");
+    let _agent = AgentProc::start(&["--socket", &sock]);
+    let ask = |payload: &[u8]| -> (String, String) {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(payload).unwrap();
+        let mut r = BufReader::new(s);
+        let mut first = String::new();
+        r.read_line(&mut first).unwrap();
+        let mut rest = String::new();
+        let _ = r.read_to_string(&mut rest);
+        (first, rest)
+    };
+    let (reply, rest) = ask(b"this is not json\n");
+    assert!(
+        reply.contains("\"ok\":false") && reply.contains("malformed request"),
+        "{reply}"
+    );
+    assert_eq!(rest, "", "the connection is closed after an error");
+
+    let (reply, _) = ask(b"{\"v\":9,\"cmd\":\"ports\"}\n");
+    assert!(reply.contains("version mismatch"), "{reply}");
+
+    let (reply, _) = ask(b"{\"v\":1,\"cmd\":\"conns\",\"state\":\"sleepy\"}\n");
+    assert!(reply.contains("unknown state"), "{reply}");
+
+    let big = vec![b'{'; 70_000];
+    let (reply, _) = ask(&big);
+    assert!(reply.contains("larger than 65536 bytes"), "{reply}");
+
+    // Half a request: the agent waits a while, says why, and closes; others are served meanwhile.
+    let started = Instant::now();
+    let half = std::thread::spawn({
+        let sock = sock.clone();
+        move || {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.write_all(b"{\"v\":1,\"cmd\":").unwrap();
+            let mut out = String::new();
+            BufReader::new(s).read_line(&mut out).unwrap();
+            out
+        }
+    });
+    let (code, out, err) = cli(&["status", "--socket", &sock]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("version:"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "status waited on the half request"
+    );
+    let reply = half.join().unwrap();
+    assert!(reply.contains("incomplete request"), "{reply}");
+
+    // Many requests on one connection, one reply each.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"{\"v\":1,\"cmd\":\"status\"}\n{\"v\":1,\"cmd\":\"ports\"}\n")
+        .unwrap();
+    let mut r = BufReader::new(s);
+    for want in ["\"status\"", "\"ports\""] {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(
+            line.contains("\"ok\":true") && line.contains(want),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn the_socket_admits_root_and_the_group_and_refuses_others() {
+    require_root();
+    // A group `tcpstate`, a member and a stranger, created for this test.
+    let created_group = Command::new("getent")
+        .args(["group", "tcpstate"])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true);
+    if created_group {
+        run(Command::new("groupadd").args(["--system", "tcpstate"]));
+    }
+    let member = format!("tcpst-m{}", std::process::id() % 100_000);
+    let stranger = format!("tcpst-s{}", std::process::id() % 100_000);
+    for (user, groups) in [(&member, "tcpstate"), (&stranger, "")] {
+        let mut c = Command::new("useradd");
+        c.args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+        ]);
+        if !groups.is_empty() {
+            c.args(["--groups", groups]);
+        }
+        run(c.arg(user));
+    }
+    struct Cleanup(Vec<String>, bool);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for u in &self.0 {
+                let _ = Command::new("userdel").arg(u).status();
+            }
+            if self.1 {
+                let _ = Command::new("groupdel").arg("tcpstate").status();
+            }
+        }
+    }
+    let _cleanup = Cleanup(vec![member.clone(), stranger.clone()], created_group);
+
+    let sock = socket_path("perm");
+    let _agent = AgentProc::start(&["--socket", &sock]);
+    let meta = std::fs::metadata(&sock).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let dir = std::fs::metadata(std::path::Path::new(&sock).parent().unwrap()).unwrap();
+    assert_eq!(dir.permissions().mode() & 0o777, 0o750);
+    let gid = nix::unistd::Group::from_name("tcpstate")
+        .unwrap()
+        .unwrap()
+        .gid
+        .as_raw();
+    assert_eq!((meta.gid(), dir.gid()), (gid, gid));
+
+    // A copy of the binary anyone can execute, whatever the permissions of the checkout.
+    let bindir = std::env::temp_dir().join(format!("tcpstate-api-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&bindir).unwrap();
+    std::fs::set_permissions(&bindir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = bindir.join("tcpstate");
+    std::fs::copy(env!("CARGO_BIN_EXE_tcpstate"), &bin).unwrap();
+    let as_user = |user: &str| {
+        let out = Command::new("setpriv")
+            .args(["--reuid", user, "--regid", user, "--init-groups", "--"])
+            .arg(&bin)
+            .args(["status", "--socket", &sock])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = as_user(&member);
+    assert_eq!(code, Some(0), "a member of tcpstate: {err}");
+    assert!(out.contains("version:"), "{out}");
+    let (code, _, err) = as_user(&stranger);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("permission denied") && err.contains("tcpstate` group"),
+        "{err}"
+    );
+    let (code, out, _) = cli(&["status", "--socket", &sock]);
+    assert_eq!(code, 0);
+    assert!(out.contains("version:"));
+    let _ = std::fs::remove_dir_all(&bindir);
+}
+
+#[test]
+fn the_cli_says_what_to_do_when_the_agent_is_not_there() {
+    // No root needed for this one, but the suite runs as root anyway.
+    let (code, _, err) = cli(&["ports", "--socket", "/nonexistent/tcpstate.sock"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no agent socket at /nonexistent/tcpstate.sock")
+            && err.contains("tcpstate agent"),
+        "{err}"
+    );
+    // A socket file nobody listens on.
+    let dir = std::env::temp_dir().join(format!("tcpstate-api-stale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let (code, _, err) = cli(&["status", "--socket", path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not running"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (code, out, _) = cli(&["conns", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Example:") && out.contains("--lingering"),
+        "{out}"
+    );
+}
