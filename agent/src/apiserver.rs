@@ -74,7 +74,9 @@ pub fn parse_state(s: &str) -> Option<TcpState> {
 pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     let shown = path.display().to_string();
     let group = nix::unistd::Group::from_name(GROUP).ok().flatten();
-    if let Some(dir) = path.parent() {
+    // The directory gets 0750 and the group only when the agent creates it: an existing one
+    // (systemd's RuntimeDirectory=, a volume, or /tmp) keeps the mode its owner gave it.
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
         std::fs::create_dir_all(dir).map_err(|source| ApiError::Dir {
             path: dir.display().to_string(),
             source,
@@ -522,6 +524,38 @@ mod tests {
         assert_eq!(parse_state("FIN_WAIT_2"), Some(TcpState::FinWait2));
         assert_eq!(parse_state("estab"), Some(TcpState::Established));
         assert_eq!(parse_state("napping"), None);
+    }
+
+    #[tokio::test]
+    async fn bind_sets_modes_on_what_it_creates_only() {
+        let base = std::env::temp_dir().join(format!("tcpstate-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // An existing directory keeps its mode.
+        let _l = bind(&base.join("a.sock")).unwrap();
+        assert_eq!(
+            std::fs::metadata(&base).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let sock_mode = std::fs::metadata(base.join("a.sock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(sock_mode & 0o777, 0o660);
+        // A directory it creates gets 0750.
+        let _l2 = bind(&base.join("new/b.sock")).unwrap();
+        assert_eq!(
+            std::fs::metadata(base.join("new"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o750
+        );
+        // A stale socket file (nobody listening) is replaced.
+        drop(_l);
+        assert!(bind(&base.join("a.sock")).is_ok());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[tokio::test]

@@ -99,6 +99,15 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// TOML config file; every flag has a key of the same name with `_` (flags win)
+    /// [default: /etc/tcpstate/tcpstate.toml if it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration (file and flags), print it, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Address and port of the HTTP server (/metrics).
     #[arg(long, value_name = "ADDR:PORT", default_value = config::DEFAULT_LISTEN)]
     pub listen: SocketAddr,

@@ -76,6 +76,9 @@ pub struct Agent {
 /// server listens.
 pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
     privileges::check()?;
+    for (cap, lost) in privileges::missing_optional() {
+        tracing::warn!(capability = cap, "without {cap}: {lost}");
+    }
     privileges::raise_memlock();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -158,6 +161,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         }
     }));
 
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (req_tx, req_rx) = mpsc::channel::<Request>(16);
     let table = Table::new(cfg.max_ports as usize, config::ephemeral_range())
         .per_netns(cfg.per_netns && netns.is_some())
@@ -165,15 +169,16 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
     let detector = Detector::new(cfg.thresholds);
     let (alert_tx, alert_rx) = mpsc::channel(64);
     let (watch_tx, _) = broadcast::channel(WATCH_QUEUE);
-    tasks.push(tokio::spawn(own_table(
+    tasks.push(tokio::spawn(own_table(TableTask {
         table,
         detector,
-        batch_rx,
-        req_rx,
+        batches: batch_rx,
+        requests: req_rx,
         alert_tx,
-        cfg.linger_log_cap,
-        watch_tx.clone(),
-    )));
+        log_cap: cfg.linger_log_cap,
+        watch_tx: watch_tx.clone(),
+        ready: ready.clone(),
+    })));
     tasks.push(tokio::spawn(log_alerts(alert_rx)));
     tasks.push(tokio::spawn(reconcile_every(
         cfg.reconcile_interval,
@@ -188,6 +193,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         drops: Arc::new(Mutex::new(loaded.drops)),
         registry: metrics::process_registry(),
         ring_bytes: u64::from(cfg.ring_bytes),
+        ready: ready.clone(),
     };
     // Events per second over the last five seconds, for `tcpstate status`.
     let rate = Arc::new(Mutex::new(0.0f64));
@@ -264,15 +270,29 @@ pub fn monotonic_ns() -> u64 {
 
 /// The one task that owns the table and the linger detector: applies batches in order, runs
 /// the detector on its timer, answers requests. Nothing else touches them.
-async fn own_table(
-    mut table: Table,
-    mut detector: Detector,
-    mut batches: mpsc::Receiver<Batch>,
-    mut requests: mpsc::Receiver<Request>,
+/// Everything the table task owns or talks to.
+struct TableTask {
+    table: Table,
+    detector: Detector,
+    batches: mpsc::Receiver<Batch>,
+    requests: mpsc::Receiver<Request>,
     alert_tx: mpsc::Sender<Vec<alerts::LogRecord>>,
     log_cap: usize,
     watch_tx: broadcast::Sender<crate::decode::Transition>,
-) {
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn own_table(task: TableTask) {
+    let TableTask {
+        mut table,
+        mut detector,
+        mut batches,
+        mut requests,
+        alert_tx,
+        log_cap,
+        watch_tx,
+        ready,
+    } = task;
     let mut tick = tokio::time::interval(detector.thresholds().check_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -321,6 +341,7 @@ async fn own_table(
                     }
                     let c = table.reconcile(&dump.sockets, started_ns, monotonic_ns(), fin_timeout);
                     let runs = table.reconcile_totals().runs;
+                    ready.store(true, std::sync::atomic::Ordering::Relaxed);
                     let total = c.stale + c.missing + c.state;
                     if runs == 1 {
                         tracing::info!(

@@ -74,6 +74,8 @@ pub struct AppState {
     pub drops: Arc<Mutex<Drops>>,
     pub registry: Registry,
     pub ring_bytes: u64,
+    /// Set once the program is attached and the first sock_diag dump seeded the table.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -81,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(landing))
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(state)
 }
 
@@ -97,13 +100,25 @@ pub async fn serve(
         .await
 }
 
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.ready.load(std::sync::atomic::Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the first sock_diag dump\n",
+        )
+            .into_response()
+    }
+}
+
 async fn landing() -> Html<&'static str> {
     Html(concat!(
         "<!doctype html><html><head><title>tcpstate</title></head><body>",
         "<h1>tcpstate ",
         env!("CARGO_PKG_VERSION"),
         "</h1><p>TCP state transitions per service port.</p>",
-        "<ul><li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/healthz\">/healthz</a></li></ul>",
+        "<ul><li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/healthz\">/healthz</a></li><li><a href=\"/readyz\">/readyz</a></li></ul>",
         "</body></html>\n"
     ))
 }

@@ -24,6 +24,7 @@ pub mod btf;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod configfile;
 pub mod daemon;
 pub mod decode;
 pub mod http;

@@ -2,24 +2,78 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 use std::io::Write;
+use tcpstate::configfile;
 
 use tcpstate::api::{Command as ApiCommand, Reply};
 use tcpstate::cli::{Cli, ClientArgs, Command, LogFormat, WatchArgs};
 use tcpstate::client::{self, Client};
 use tracing_subscriber::EnvFilter;
 
+/// Which agent flags were given on the command line or in their environment variable.
+struct GivenFlags<'a>(&'a clap::ArgMatches);
+
+impl configfile::Given for GivenFlags<'_> {
+    fn given(&self, flag: &str) -> bool {
+        matches!(
+            self.0.value_source(&flag.replace('-', "_")),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Agent(args) => {
-            let filter = match EnvFilter::try_new(&args.log_level) {
+            let mut cfg = args.config();
+            let mut log_level = args.log_level.clone();
+            let mut log_format = args.log_format;
+            let source = match configfile::load(args.config.as_deref()) {
+                Ok(None) => "flags and defaults".to_string(),
+                Ok(Some((path, text))) => {
+                    let shown = path.display().to_string();
+                    let sub = matches.subcommand_matches("agent").expect("agent");
+                    let applied = configfile::parse(&shown, &text).and_then(|fc| {
+                        configfile::apply(&shown, &text, &fc, &mut cfg, &GivenFlags(sub))
+                    });
+                    match applied {
+                        Ok((level, format)) => {
+                            if let Some(l) = level {
+                                log_level = l;
+                            }
+                            if let Some(f) = format {
+                                log_format = if f == "json" {
+                                    LogFormat::Json
+                                } else {
+                                    LogFormat::Text
+                                };
+                            }
+                            format!("{shown} and flags")
+                        }
+                        Err(e) => {
+                            eprintln!("tcpstate: {e}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tcpstate: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if args.check_config {
+                println!("configuration OK (from {source}):\n{cfg:#?}");
+                return ExitCode::SUCCESS;
+            }
+            let filter = match EnvFilter::try_new(&log_level) {
                 Ok(f) => f,
                 Err(e) => {
                     eprintln!(
-                        "tcpstate: --log-level `{}` is not a valid filter ({e}): use error, warn, info, debug or trace",
-                        args.log_level
+                        "tcpstate: --log-level `{log_level}` is not a valid filter ({e}): use error, warn, info, debug or trace"
                     );
                     return ExitCode::from(2);
                 }
@@ -28,7 +82,7 @@ fn main() -> ExitCode {
                 .with_env_filter(filter)
                 .with_ansi(std::io::stderr().is_terminal())
                 .with_writer(std::io::stderr);
-            match args.log_format {
+            match log_format {
                 LogFormat::Text => builder.init(),
                 LogFormat::Json => builder.json().init(),
             }
@@ -43,7 +97,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match runtime.block_on(tcpstate::daemon::run(args.config())) {
+            match runtime.block_on(tcpstate::daemon::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tcpstate: {e}");

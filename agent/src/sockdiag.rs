@@ -194,6 +194,10 @@ pub fn namespaces(proc: &Path) -> BTreeMap<u32, PathBuf> {
 
 /// Dumps one namespace from a thread of its own (setns changes only the calling thread).
 pub fn dump_namespace(netns: u32, path: &Path) -> Result<Vec<DiagSocket>, SockDiagError> {
+    // Our own namespace needs no setns (nor the CAP_SYS_ADMIN it takes).
+    if netns_inode(Path::new("/proc/thread-self/ns/net")).ok() == Some(netns) {
+        return dump_here(netns);
+    }
     let path = path.to_path_buf();
     std::thread::scope(|s| {
         s.spawn(|| {

@@ -359,6 +359,13 @@ fn the_socket_admits_root_and_the_group_and_refuses_others() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     let dir = std::fs::metadata(std::path::Path::new(&sock).parent().unwrap()).unwrap();
     assert_eq!(dir.permissions().mode() & 0o777, 0o750);
+    // A directory the agent did not create keeps its mode (here /tmp, which must stay 1777).
+    let tmp = std::fs::metadata(std::env::temp_dir()).unwrap();
+    assert_eq!(
+        tmp.permissions().mode() & 0o7777,
+        0o1777,
+        "the agent changed /tmp"
+    );
     let gid = nix::unistd::Group::from_name("tcpstate")
         .unwrap()
         .unwrap()

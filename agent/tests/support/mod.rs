@@ -155,7 +155,11 @@ impl AgentProc {
         ));
         let log = File::create(&log_path).expect("agent log file");
         // Each agent its own API socket, unless the test names one.
-        let socket = log_path.with_extension("sock").display().to_string();
+        let socket = log_path
+            .with_extension("d")
+            .join("api.sock")
+            .display()
+            .to_string();
         let own_socket: Vec<&str> = if extra.contains(&"--socket") {
             vec![]
         } else {
@@ -248,6 +252,7 @@ impl Drop for AgentProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log_path);
+        let _ = std::fs::remove_dir_all(self.log_path.with_extension("d"));
     }
 }
 
