@@ -173,59 +173,40 @@ async fn handle(stream: UnixStream, state: ApiState, shutdown: watch::Receiver<b
                 return;
             }
         };
-        let reply = match request.command {
-            Command::Watch { port, state: st } => {
-                let st = match st.as_deref().map(|s| (s, parse_state(s))) {
-                    Some((s, None)) => {
-                        let _ = write
-                            .write_all(
-                                Reply::error(format!("unknown state `{s}`"))
-                                    .line()
-                                    .as_bytes(),
-                            )
-                            .await;
+        // A state filter that names no state ends the conversation like any bad request.
+        let filter_state = match &request.command {
+            Command::Watch { state: Some(s), .. } | Command::Conns { state: Some(s), .. } => {
+                match parse_state(s) {
+                    Some(st) => Some(st),
+                    None => {
+                        let e = Reply::error(format!("unknown state `{s}`"));
+                        let _ = write.write_all(e.line().as_bytes()).await;
                         return;
                     }
-                    Some((_, Some(x))) => Some(x),
-                    None => None,
-                };
-                stream_watch(&mut write, &state, port, st, shutdown).await;
+                }
+            }
+            _ => None,
+        };
+        let reply = match request.command {
+            Command::Watch { port, .. } => {
+                stream_watch(&mut write, &state, port, filter_state, shutdown).await;
                 return;
             }
             Command::Ports => ports(&state).await,
             Command::Status => status(&state).await,
             Command::Conns {
                 port,
-                state: st,
                 role,
                 lingering,
+                ..
             } => {
-                let parsed = match st.as_deref() {
-                    Some(s) => match parse_state(s) {
-                        Some(x) => Some(x),
-                        None => {
-                            let _ = write
-                                .write_all(
-                                    Reply::error(format!("unknown state `{s}`"))
-                                        .line()
-                                        .as_bytes(),
-                                )
-                                .await;
-                            return;
-                        }
-                    },
-                    None => None,
+                let filter = ConnFilter {
+                    port,
+                    state: filter_state,
+                    role,
+                    lingering,
                 };
-                conns(
-                    &state,
-                    ConnFilter {
-                        port,
-                        state: parsed,
-                        role,
-                        lingering,
-                    },
-                )
-                .await
+                conns(&state, filter).await
             }
         };
         if write.write_all(reply.line().as_bytes()).await.is_err() {

@@ -3,7 +3,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,12 +36,6 @@ fn cli_json(args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("tcpstate {args:?} printed no JSON ({e}): {out}"))
 }
 
-fn connect_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
-    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    (client, server)
-}
-
 #[test]
 fn conns_ports_and_watch_answer_from_the_live_table() {
     require_root();
@@ -49,17 +43,7 @@ fn conns_ports_and_watch_answer_from_the_live_table() {
     let sock = socket_path("live");
     let agent = AgentProc::start(&["--socket", &sock, "--linger-after", "1s"]);
     let port = 7701u16;
-    let (_listener, _servers) = ns.enter(|| {
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        let servers: Vec<TcpStream> = (0..4)
-            .map(|_| {
-                let (client, server) = connect_pair(&listener);
-                drop(client);
-                server
-            })
-            .collect();
-        (listener, servers)
-    });
+    let (_listener, _servers) = ns.enter(|| leak_close_wait(port, 4));
     let p = port.to_string();
 
     // conns: exactly the leaked sockets, with state, role and owner.

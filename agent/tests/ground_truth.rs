@@ -8,12 +8,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn connect_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
-    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    (client, server)
-}
-
 fn gauge(text: &str, name: &str, port: u16, role: &str, state: &str) -> Option<f64> {
     let p = port.to_string();
     value(
@@ -36,17 +30,7 @@ fn close_wait_leaked_before_start_is_seeded_at_once_with_its_owner() {
     let ns = Netns::new("seed");
     let port = 7601u16;
     // The leak exists before the agent.
-    let (_listener, _servers) = ns.enter(|| {
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        let servers: Vec<TcpStream> = (0..20)
-            .map(|_| {
-                let (client, server) = connect_pair(&listener);
-                drop(client);
-                server
-            })
-            .collect();
-        (listener, servers)
-    });
+    let (_listener, _servers) = ns.enter(|| leak_close_wait(port, 20));
     eventually(Duration::from_secs(2), || {
         match ss_count(&ns, port, "server", "close_wait") {
             20 => Ok(()),

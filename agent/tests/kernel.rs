@@ -21,12 +21,6 @@ struct Held {
     _streams: Vec<TcpStream>,
 }
 
-fn connect_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
-    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    (client, server)
-}
-
 /// On one port: 3 pairs ESTABLISHED; 2 where the client shut down its write side (client
 /// FIN_WAIT2, server CLOSE_WAIT: a server that never closes after EOF); 2 the other way round
 /// (server FIN_WAIT2, client CLOSE_WAIT). Nothing is orphaned, so nothing becomes a timewait

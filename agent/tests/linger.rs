@@ -2,31 +2,11 @@
 //! Needs root; fails (never skips) without it.
 mod support;
 
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
-
-fn connect_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
-    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    (client, server)
-}
-
-/// A server that leaks: the clients close, the server never does. Returns the listener and the
-/// server sockets, in CLOSE_WAIT once the clients' FINs arrive.
-fn leak_close_wait(port: u16, n: usize) -> (TcpListener, Vec<TcpStream>) {
-    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    let servers = (0..n)
-        .map(|_| {
-            let (client, server) = connect_pair(&listener);
-            drop(client);
-            server
-        })
-        .collect();
-    (listener, servers)
-}
 
 fn lingering(text: &str, port: u16, role: &str, state: &str) -> Option<f64> {
     let p = port.to_string();

@@ -304,6 +304,29 @@ pub fn agent_counts(text: &str, port: u16) -> BTreeMap<(String, String), u64> {
         .collect()
 }
 
+/// A connected pair on `listener`: (client, server).
+pub fn connect_pair(
+    listener: &std::net::TcpListener,
+) -> (std::net::TcpStream, std::net::TcpStream) {
+    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, server)
+}
+
+/// A server on 127.0.0.1:`port` that leaks: its clients close, it never does. Returns the
+/// listener and the server sockets, in CLOSE_WAIT once the clients' FINs arrive.
+pub fn leak_close_wait(port: u16, n: usize) -> (std::net::TcpListener, Vec<std::net::TcpStream>) {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let servers = (0..n)
+        .map(|_| {
+            let (client, server) = connect_pair(&listener);
+            drop(client);
+            server
+        })
+        .collect();
+    (listener, servers)
+}
+
 /// Polls `f` until it returns Ok or `timeout` passes; then panics with the last error.
 pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + timeout;
