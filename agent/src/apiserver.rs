@@ -369,7 +369,7 @@ async fn status(state: &ApiState) -> Reply {
             kernel: kernel_release(),
             events_total: stats.events.load(Ordering::Relaxed),
             events_per_second: state.rate.lock().map(|r| *r).unwrap_or(0.0),
-            events_lost_kernel: lost_kernel,
+            events_lost_kernel: lost_kernel + state.app.recursion.read(),
             events_lost_agent: stats.lost_agent.load(Ordering::Relaxed),
             tracked_sockets: v.table.tracked_sockets as u64,
             lingering: v.linger.current.iter().map(|(_, a)| a.count).sum(),

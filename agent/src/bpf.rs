@@ -65,11 +65,35 @@ pub struct Probe {
     _ebpf: Ebpf,
 }
 
+/// Reads the program's `recursion_misses` from its fd's fdinfo.
+///
+/// The kernel skips a tracing program when it fires while another BPF program runs on the same
+/// CPU (for example, a softirq handling a packet interrupts a program): the transition is lost
+/// before the program could count it, and only this counter knows. aya's program info does not
+/// expose it.
+pub struct RecursionMisses {
+    fdinfo: std::path::PathBuf,
+}
+
+impl RecursionMisses {
+    pub fn read(&self) -> u64 {
+        std::fs::read_to_string(&self.fdinfo)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("recursion_misses:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
 /// Everything `load` hands out: the program, its event ring, its drop counter and its logger.
 pub struct Loaded {
     pub probe: Probe,
     pub events: RingBuf<MapData>,
     pub drops: Drops,
+    pub recursion: RecursionMisses,
     /// aya-log records from the program. Must stay alive (dropping it closes the log map) and be
     /// polled; see `daemon`.
     pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
@@ -117,6 +141,15 @@ pub fn load(layout: Layout, opts: &Options) -> Result<Loaded, BpfError> {
     program
         .attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)
         .map_err(|e| BpfError::from_error("attaching to sock:inet_sock_set_state", &e))?;
+    use std::os::fd::AsRawFd;
+    let prog_fd = program
+        .fd()
+        .map_err(|e| BpfError::from_error("finding the program's fd", &e))?
+        .as_fd()
+        .as_raw_fd();
+    let recursion = RecursionMisses {
+        fdinfo: format!("/proc/self/fdinfo/{prog_fd}").into(),
+    };
     let events = ebpf
         .take_map(EVENTS_MAP)
         .ok_or(BpfError::Missing("EVENTS map"))?;
@@ -137,6 +170,7 @@ pub fn load(layout: Layout, opts: &Options) -> Result<Loaded, BpfError> {
         probe: Probe { _ebpf: ebpf },
         events,
         drops: Drops(drops),
+        recursion,
         logger,
     })
 }

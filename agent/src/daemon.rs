@@ -191,6 +191,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         table: handle.clone(),
         reader: reader_stats.clone(),
         drops: Arc::new(Mutex::new(loaded.drops)),
+        recursion: Arc::new(loaded.recursion),
         registry: metrics::process_registry(),
         ring_bytes: u64::from(cfg.ring_bytes),
         ready: ready.clone(),

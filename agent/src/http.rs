@@ -72,6 +72,7 @@ pub struct AppState {
     pub table: TableHandle,
     pub reader: Arc<ReaderStats>,
     pub drops: Arc<Mutex<Drops>>,
+    pub recursion: Arc<crate::bpf::RecursionMisses>,
     pub registry: Registry,
     pub ring_bytes: u64,
     /// Set once the program is attached and the first sock_diag dump seeded the table.
@@ -140,10 +141,12 @@ async fn metrics_handler(State(s): State<AppState>) -> Response {
         }
         Err(_) => 0,
     };
+    let recursion_misses = s.recursion.read();
     let sources = Sources {
         view,
+        recursion_misses,
         events,
-        lost_kernel,
+        lost_kernel: lost_kernel + recursion_misses,
         lost_agent,
         decode_errors,
         ring_bytes: s.ring_bytes,

@@ -16,8 +16,10 @@ pub struct Sources {
     pub view: View,
     /// Records read from the ring buffer.
     pub events: u64,
-    /// Events the program could not put in the ring (full).
+    /// Events lost in the kernel: the ring was full, or the program was skipped.
     pub lost_kernel: u64,
+    /// Of those, runs the kernel skipped (recursion protection).
+    pub recursion_misses: u64,
     /// Events the agent read but could not apply (table queue full).
     pub lost_agent: u64,
     pub decode_errors: u64,
@@ -187,13 +189,22 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
 
     let mut lost = family(
         "tcpstate_events_lost_total",
-        "Transition events lost: stage=kernel when the ring buffer was full, stage=agent when the table could not keep up.",
+        "Transition events lost: stage=kernel when the ring buffer was full or the kernel skipped the program, stage=agent when the table could not keep up.",
         MetricType::COUNTER,
     );
     lost.mut_metric()
         .push(counter(&[("stage", "kernel")], s.lost_kernel as f64));
     lost.mut_metric()
         .push(counter(&[("stage", "agent")], s.lost_agent as f64));
+
+    let mut recursion = family(
+        "tcpstate_program_recursion_misses_total",
+        "Transitions the kernel did not run the program for, because another BPF program was running on that CPU (included in tcpstate_events_lost_total{stage=\"kernel\"}).",
+        MetricType::COUNTER,
+    );
+    recursion
+        .mut_metric()
+        .push(counter(&[], s.recursion_misses as f64));
 
     let mut decode_errors = family(
         "tcpstate_decode_errors_total",
@@ -286,6 +297,7 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
         runs,
         events,
         lost,
+        recursion,
         decode_errors,
         tracked,
         mismatches,
@@ -399,6 +411,7 @@ mod tests {
             },
             events: 3,
             lost_kernel: 2,
+            recursion_misses: 1,
             lost_agent: 1,
             decode_errors: 0,
             ring_bytes: 1 << 22,
@@ -423,6 +436,7 @@ mod tests {
         ));
         assert!(text.contains("tcpstate_events_lost_total{stage=\"kernel\"} 2\n"));
         assert!(text.contains("tcpstate_events_lost_total{stage=\"agent\"} 1\n"));
+        assert!(text.contains("tcpstate_program_recursion_misses_total 1\n"));
         assert!(text.contains("tcpstate_tracked_sockets 1\n"));
         assert!(text.contains("tcpstate_build_info{version=\""));
     }
