@@ -115,6 +115,9 @@ pub struct PortRow {
 pub struct OwnerRow {
     pub pid: u32,
     pub command: String,
+    /// The process's cgroup path.
+    #[serde(default)]
+    pub cgroup: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
 }

@@ -309,6 +309,7 @@ async fn conns(state: &ApiState, filter: ConnFilter) -> Reply {
                     .map(|o| OwnerRow {
                         pid: o.pid,
                         command: o.comm.clone(),
+                        cgroup: o.cgroup.clone(),
                         container: o.container.clone(),
                     })
                     .collect();

@@ -230,6 +230,8 @@ pub fn render_conns(rows: &[ConnRow], colour: bool) -> String {
     if rows.is_empty() {
         return "no matching connections\n".into();
     }
+    // A namespace column when the rows come from more than one network namespace.
+    let netns = rows.iter().any(|r| r.netns != rows[0].netns);
     let body: Vec<(Vec<String>, bool)> = rows
         .iter()
         .map(|r| {
@@ -238,39 +240,32 @@ pub fn render_conns(rows: &[ConnRow], colour: bool) -> String {
                 if r.age_is_lower_bound { ">" } else { "" },
                 human_duration(r.age_seconds)
             );
-            (
-                vec![
-                    r.local.clone(),
-                    r.remote.clone(),
-                    state_name(&r.state),
-                    age,
-                    r.role.clone(),
-                    r.service_port.to_string(),
-                    if r.lingering {
-                        "yes".into()
-                    } else {
-                        "-".into()
-                    },
-                    owner_text(r),
-                ],
-                r.lingering,
-            )
+            let mut cells = vec![
+                r.local.clone(),
+                r.remote.clone(),
+                state_name(&r.state),
+                age,
+                r.role.clone(),
+                r.service_port.to_string(),
+            ];
+            if netns {
+                cells.push(r.netns.to_string());
+            }
+            cells.push(if r.lingering {
+                "yes".into()
+            } else {
+                "-".into()
+            });
+            cells.push(owner_text(r));
+            (cells, r.lingering)
         })
         .collect();
-    let mut out = table(
-        &[
-            "LOCAL",
-            "REMOTE",
-            "STATE",
-            "AGE",
-            "ROLE",
-            "PORT",
-            "LINGERING",
-            "OWNER",
-        ],
-        &body,
-        colour,
-    );
+    let mut header = vec!["LOCAL", "REMOTE", "STATE", "AGE", "ROLE", "PORT"];
+    if netns {
+        header.push("NETNS");
+    }
+    header.extend(["LINGERING", "OWNER"]);
+    let mut out = table(&header, &body, colour);
     if rows.iter().any(|r| r.age_is_lower_bound) {
         out.push_str(
             "> age is a lower bound: the socket was there before the agent saw it change\n",
@@ -379,6 +374,7 @@ mod tests {
                 owners: vec![OwnerRow {
                     pid: 1234,
                     command: "nginx".into(),
+                    cgroup: "/system.slice/docker-3f9c.scope".into(),
                     container: Some(
                         "3f9c2d4e5b6a7980c1d2e3f405162738495a6b7c8d9e0f1a2b3c4d5e6f708192".into(),
                     ),
@@ -432,6 +428,13 @@ mod tests {
     #[test]
     fn golden_conns_layout() {
         golden("conns.txt", &render_conns(&conns(), false));
+    }
+
+    #[test]
+    fn golden_conns_layout_across_namespaces() {
+        let mut rows = conns();
+        rows[1].netns = 4026532246;
+        golden("conns-netns.txt", &render_conns(&rows, false));
     }
 
     #[test]

@@ -417,3 +417,60 @@ fn the_cli_says_what_to_do_when_the_agent_is_not_there() {
         "{out}"
     );
 }
+
+#[test]
+fn a_watch_that_cannot_keep_up_is_disconnected_with_a_reason() {
+    require_root();
+    let ns = Netns::new("slow");
+    let sock = socket_path("slow");
+    let agent = AgentProc::start(&["--socket", &sock]);
+    let s = UnixStream::connect(&sock).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(b"{\"v\":1,\"cmd\":\"watch\"}\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut first = String::new();
+    r.read_line(&mut first).unwrap();
+    assert!(first.contains("\"ok\":true"), "{first}");
+    // Read nothing while 25,000 transitions happen: far more than a watcher may fall behind.
+    ns.enter(|| {
+        let listener = TcpListener::bind(("127.0.0.1", 7703)).unwrap();
+        for _ in 0..2_500 {
+            let (c, s) = connect_pair(&listener);
+            drop(c);
+            drop(s);
+        }
+    });
+    // The event path did not wait for us: every transition was counted.
+    let text = agent.metrics();
+    assert_eq!(
+        value(&text, "tcpstate_events_lost_total", &[("stage", "agent")]),
+        Some(0.0)
+    );
+    // Reading again, the backlog comes, then the reason, then the end.
+    r.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut last = String::new();
+    let mut events = 0;
+    loop {
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {
+                if line.contains("\"event\"") {
+                    events += 1;
+                }
+                last = line;
+            }
+            Err(e) => panic!("the agent neither sent the reason nor closed: {e}"),
+        }
+    }
+    assert!(
+        last.contains("\"ok\":false") && last.contains("could not keep up"),
+        "{last}"
+    );
+    assert!(
+        events < 25_000,
+        "{events} events arrived: it was not cut off"
+    );
+}

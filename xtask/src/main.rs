@@ -54,11 +54,13 @@ fn main() -> ExitCode {
         "bench" => setup().and_then(|env| {
             build(&env)?;
             bench::main(&root(), rest)?;
-            // The linger detector's pass over 100k sockets (pure userspace).
+            // The linger detector's pass over 100k sockets and the owner lookup's /proc scan
+            // over 2,000 processes (userspace, off the event path).
             sh(env.apply(
                 Command::new("cargo")
                     .current_dir(root())
-                    .args(["bench", "--quiet", "-p", "tcpstate", "--bench", "detector"]),
+                    .args(["bench", "--quiet", "-p", "tcpstate", "--bench", "detector"])
+                    .args(["--bench", "owner"]),
             ))
         }),
         "gen-rules" => gen_rules(),
