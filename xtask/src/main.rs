@@ -294,6 +294,11 @@ fn build(benv: &BuildEnv) -> Result {
 }
 
 fn run(args: &[String]) -> Result {
+    // `cargo xtask run -- --listen ...`: the separator is for cargo, not for the agent.
+    let args = match args.split_first() {
+        Some((first, rest)) if first == "--" => rest,
+        _ => args,
+    };
     let bin = root().join("target/release/tcpstate");
     if !is_root() {
         eprintln!("xtask: not root: the agent needs CAP_BPF and CAP_PERFMON and will say so");
