@@ -354,13 +354,7 @@ async fn status(state: &ApiState) -> Reply {
         return Reply::error("the agent is shutting down");
     };
     let stats: &ReaderStats = &state.app.reader;
-    let lost_kernel = state
-        .app
-        .drops
-        .lock()
-        .ok()
-        .and_then(|d| d.total().ok())
-        .unwrap_or(0);
+    let (lost_kernel, _) = state.app.kernel_losses();
     let r = v.table.reconcile;
     Reply {
         status: Some(Status {
@@ -370,7 +364,7 @@ async fn status(state: &ApiState) -> Reply {
             kernel: kernel_release(),
             events_total: stats.events.load(Ordering::Relaxed),
             events_per_second: state.rate.lock().map(|r| *r).unwrap_or(0.0),
-            events_lost_kernel: lost_kernel + state.app.recursion.read(),
+            events_lost_kernel: lost_kernel,
             events_lost_agent: stats.lost_agent.load(Ordering::Relaxed),
             tracked_sockets: v.table.tracked_sockets as u64,
             lingering: v.linger.current.iter().map(|(_, a)| a.count).sum(),

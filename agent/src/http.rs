@@ -79,6 +79,23 @@ pub struct AppState {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl AppState {
+    /// Events lost in the kernel: the ring was full (the program's per-CPU counter) or the kernel
+    /// skipped the program (recursion misses); and, of those, the recursion misses.
+    pub fn kernel_losses(&self) -> (u64, u64) {
+        let ring_full = match self.drops.lock().map(|d| d.total()) {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading the kernel drop counter failed");
+                0
+            }
+            Err(_) => 0,
+        };
+        let recursion = self.recursion.read();
+        (ring_full + recursion, recursion)
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(landing))
@@ -133,20 +150,12 @@ async fn metrics_handler(State(s): State<AppState>) -> Response {
             .into_response();
     };
     let (events, lost_agent, decode_errors) = s.reader.load();
-    let lost_kernel = match s.drops.lock().map(|d| d.total()) {
-        Ok(Ok(n)) => n,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "reading the kernel drop counter failed");
-            0
-        }
-        Err(_) => 0,
-    };
-    let recursion_misses = s.recursion.read();
+    let (lost_kernel, recursion_misses) = s.kernel_losses();
     let sources = Sources {
         view,
         recursion_misses,
         events,
-        lost_kernel: lost_kernel + recursion_misses,
+        lost_kernel,
         lost_agent,
         decode_errors,
         ring_bytes: s.ring_bytes,

@@ -445,11 +445,8 @@ impl Table {
                 conn.remote = t.remote;
             }
             if !was_complete && complete(conn) {
-                let tuple = (
-                    if self.netns_in_events { conn.netns } else { 0 },
-                    conn.local,
-                    conn.remote,
-                );
+                let (netns, local, remote) = (conn.netns, conn.local, conn.remote);
+                let tuple = self.tuple(netns, local, remote);
                 self.drop_seeded_twin(&tuple);
             }
             return;
