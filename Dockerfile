@@ -4,14 +4,18 @@
 
 # --- build: stable for the agent, nightly (rust-src) and bpf-linker for the eBPF program ------
 FROM docker.io/library/rust:1.95-bookworm AS build
-RUN rustup toolchain install nightly --profile minimal --component rust-src
+# The nightly is pinned: bpf-linker 0.13 supports its LLVM (22), and aya-ebpf 0.2.1 builds with it.
+ARG NIGHTLY=nightly-2026-05-19
+ARG BPF_LINKER=0.13.0
+ENV TCPSTATE_EBPF_TOOLCHAIN=${NIGHTLY}
+RUN rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src
 # bpf-linker must link against the nightly's own LLVM (see xtask/src/main.rs, setup).
 RUN set -eux; \
-    sysroot="$(rustc +nightly --print sysroot)"; \
-    major="$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"; \
+    sysroot="$(rustc +"$NIGHTLY" --print sysroot)"; \
+    major="$(rustc +"$NIGHTLY" -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"; \
     mkdir -p /opt/llvm/lib; \
     ln -s "$(ls "$sysroot"/lib/libLLVM.so.* | head -n1)" /opt/llvm/lib/libLLVM.so; \
-    LLVM_PREFIX=/opt/llvm cargo install bpf-linker@0.13.0 --no-default-features --features "llvm-$major"
+    LLVM_PREFIX=/opt/llvm cargo install "bpf-linker@$BPF_LINKER" --no-default-features --features "llvm-$major"
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin tcpstate && strip target/release/tcpstate
