@@ -11,6 +11,23 @@ fn main() -> anyhow::Result<()> {
     // aya-build watches the eBPF crate; the contract it shares with us lives in common/.
     println!("cargo:rerun-if-changed={manifest_dir}/../common/src");
     println!("cargo:rerun-if-env-changed=TCPSTATE_EBPF_TOOLCHAIN");
+    // Benchmark-only builds of the program with one part left out (`cargo xtask bench
+    // --breakdown`); the eBPF crate reads the variable with `option_env!`.
+    println!("cargo:rerun-if-env-changed=TCPSTATE_BENCH_VARIANT");
+    let variant = std::env::var("TCPSTATE_BENCH_VARIANT").unwrap_or_default();
+    const VARIANTS: &[&str] = &["", "empty", "copy", "no-map", "no-clock", "no-ring"];
+    if !VARIANTS.contains(&variant.as_str()) {
+        anyhow::bail!(
+            "TCPSTATE_BENCH_VARIANT={variant}: not one of empty, copy, no-map, no-clock, no-ring"
+        );
+    }
+    if !variant.is_empty() {
+        println!(
+            "cargo:warning=benchmark-only build: the eBPF program leaves out `{variant}` \
+             (TCPSTATE_BENCH_VARIANT); unset it for a real agent"
+        );
+    }
+    println!("cargo:rustc-env=TCPSTATE_BENCH_VARIANT={variant}");
     let toolchain = std::env::var("TCPSTATE_EBPF_TOOLCHAIN").ok();
     let toolchain = match toolchain.as_deref() {
         None | Some("") | Some("nightly") => aya_build::Toolchain::Nightly,

@@ -120,6 +120,14 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         fin_wait2_after = ?cfg.thresholds.fin_wait2,
         "attached to sock:inet_sock_set_state"
     );
+    let variant = env!("TCPSTATE_BENCH_VARIANT");
+    if !variant.is_empty() {
+        tracing::warn!(
+            variant,
+            "benchmark-only build: the eBPF program leaves out part of its work; \
+             rebuild without TCPSTATE_BENCH_VARIANT"
+        );
+    }
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();

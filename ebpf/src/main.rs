@@ -52,6 +52,38 @@ mod program {
     /// Bytes past the wakeup threshold within which events still force a wakeup.
     const WAKEUP_WINDOW: u64 = 4096;
 
+    /// Benchmark-only builds: `cargo xtask bench --breakdown` builds the program with
+    /// `TCPSTATE_BENCH_VARIANT` set to leave one part out and measure what it costs. In every
+    /// normal build the variable is unset, these are all `false`, and the branches compile away.
+    const VARIANT: &str = match option_env!("TCPSTATE_BENCH_VARIANT") {
+        Some(v) => v,
+        None => "",
+    };
+    const fn variant(name: &str) -> bool {
+        let (a, b) = (VARIANT.as_bytes(), name.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+    /// Returns at once: the cost of the tracepoint and of running any program on it.
+    const BENCH_EMPTY: bool = variant("empty");
+    /// Copies the record and filters on the protocol, nothing more.
+    const BENCH_COPY_ONLY: bool = variant("copy");
+    /// No per-socket map: no entry time, no namespace.
+    const BENCH_NO_MAP: bool = variant("no-map");
+    /// No clock read.
+    const BENCH_NO_CLOCK: bool = variant("no-clock");
+    /// Everything but the ring buffer: no event leaves the kernel.
+    const BENCH_NO_RING: bool = variant("no-ring");
+
     #[tracepoint]
     pub fn tcpstate(ctx: TracePointContext) -> u32 {
         match try_tcpstate(&ctx) {
@@ -101,6 +133,9 @@ mod program {
 
     #[inline(always)]
     fn try_tcpstate(ctx: &TracePointContext) -> Result<(), i64> {
+        if BENCH_EMPTY {
+            return Ok(());
+        }
         // SAFETY: CONFIG is a read-only global written only by the loader.
         let cfg = unsafe { core::ptr::read_volatile(&CONFIG) };
         let l = cfg.layout;
@@ -126,23 +161,33 @@ mod program {
         } else {
             field::<u16>(span, s, l.protocol)
         };
-        if protocol != IPPROTO_TCP {
+        if protocol != IPPROTO_TCP || BENCH_COPY_ONLY {
             return Ok(());
         }
         let skaddr = field::<u64>(span, s, l.skaddr);
         let oldstate = field::<i32>(span, s, l.oldstate);
         let newstate = field::<i32>(span, s, l.newstate);
 
-        // SAFETY: the helper has no preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = if BENCH_NO_CLOCK {
+            0
+        } else {
+            // SAFETY: the helper has no preconditions.
+            unsafe { bpf_ktime_get_ns() }
+        };
         let mut prev_state_ns = 0;
         let netns;
         // An LRU insert of an existing key allocates a new node and frees the old one under the
         // LRU lock; overwriting the value in place is a plain store. So: insert on a socket's
         // first event only, update in place after, delete at CLOSE.
         let closing = newstate == TcpState::Close as i32;
-        match SOCK_STATE.get_ptr_mut(&skaddr) {
-            Some(st) => {
+        let found = if BENCH_NO_MAP {
+            Err(())
+        } else {
+            Ok(SOCK_STATE.get_ptr_mut(&skaddr))
+        };
+        match found {
+            Err(()) => netns = 0,
+            Ok(Some(st)) => {
                 // SAFETY: the pointer is into the map value, valid for this program run; a
                 // concurrent transition of the same socket cannot happen (socket lock).
                 unsafe {
@@ -160,7 +205,7 @@ mod program {
                     let _ = SOCK_STATE.remove(&skaddr);
                 }
             }
-            None => {
+            Ok(None) => {
                 // First sight of this socket: read its namespace once and keep it.
                 netns = socket_netns(skaddr, &cfg);
                 if !closing {
@@ -178,6 +223,9 @@ mod program {
         // event. Wake it early only as the backlog crosses the threshold (a window, since CPUs
         // race past the exact crossing): past it the reader is either already awake or stuck,
         // and waking it on every event would only slow the kernel when it is behind.
+        if BENCH_NO_RING {
+            return Ok(());
+        }
         let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
         let threshold = u64::from(cfg.wakeup_bytes);
         let flags = if waiting >= threshold && waiting < threshold + WAKEUP_WINDOW {

@@ -19,22 +19,42 @@ const CHURN_PORT: u16 = 7900;
 const AGENT_LISTEN: &str = "127.0.0.1:10690";
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-const HELP: &str = "usage: cargo xtask bench [--connections N] [--rounds R] [-- AGENT_ARGS...]
+const HELP: &str =
+    "usage: cargo xtask bench [--connections N] [--rounds R] [--breakdown] [-- AGENT_ARGS...]
 
   --connections N  connections per round (default 50000, ten transitions each)
   --rounds R       rounds of each kind, interleaved (default 7)
+  --breakdown      also rebuild the eBPF program five times, each with one part left out
+                   (everything, all but the record copy, the map, the clock, the ring buffer),
+                   and measure the throughput ratio of each: what every part costs. Rebuilds
+                   the real agent at the end.
   AGENT_ARGS       extra flags for `tcpstate agent`, e.g. -- --ring-size 1MiB
 ";
 
-pub fn main(root: &Path, args: &[String]) -> Result {
+/// Benchmark-only builds of the program (`TCPSTATE_BENCH_VARIANT`, read by `ebpf/`), each
+/// leaving out one part, and what that part is.
+const VARIANTS: &[(&str, &str)] = &[
+    ("empty", "everything: the program returns at once"),
+    ("copy", "all but the record copy and the protocol filter"),
+    ("no-map", "the per-socket LRU map (entry time, namespace)"),
+    ("no-clock", "the clock read (bpf_ktime_get_ns)"),
+    ("no-ring", "the ring buffer: no event leaves the kernel"),
+];
+
+/// Rebuilds `target/release/tcpstate` with the program variant given, or the real one.
+pub type Rebuild<'a> = &'a dyn Fn(Option<&str>) -> Result;
+
+pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
     let mut connections = 50_000u64;
     let mut rounds = 7usize;
+    let mut breakdown = false;
     let mut agent_args: Vec<String> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--connections" => connections = num(it.next(), "--connections")?,
             "--rounds" => rounds = num(it.next(), "--rounds")? as usize,
+            "--breakdown" => breakdown = true,
             "--" => agent_args.extend(it.by_ref().cloned()),
             "-h" | "--help" => {
                 print!("{HELP}");
@@ -48,8 +68,12 @@ pub fn main(root: &Path, args: &[String]) -> Result {
             "the benchmark loads the agent and creates a network namespace: run it as root".into(),
         );
     }
-    let xtask = std::env::current_exe().map_err(|e| e.to_string())?;
-    let agent_bin = root.join("target/release/tcpstate");
+    let bench = Bench {
+        xtask: std::env::current_exe().map_err(|e| e.to_string())?,
+        agent_bin: root.join("target/release/tcpstate"),
+        agent_args,
+        connections,
+    };
 
     let _ = Command::new("ip")
         .args(["netns", "del", NETNS])
@@ -74,107 +98,189 @@ pub fn main(root: &Path, args: &[String]) -> Result {
         "net.ipv4.tcp_max_tw_buckets=256",
     ]))?;
 
-    let churn = |n: u64| -> Result<f64> {
-        let out = output(
-            Command::new("ip")
-                .args(["netns", "exec", NETNS])
-                .arg(&xtask)
-                .args(["churn-worker", &n.to_string(), &CHURN_PORT.to_string()]),
-        )?;
-        out.trim()
-            .parse::<f64>()
-            .map_err(|_| format!("churn worker said `{out}`"))
-    };
-
     // Warm up caches, the namespace's port space and the page cache of the binaries.
-    churn(connections / 4)?;
+    bench.churn(connections / 4)?;
 
-    let mut without = Vec::new();
-    let mut with = Vec::new();
-    let mut cpu_s = 0.0;
-    let mut events = 0u64;
-    let mut lost_kernel = 0u64;
-    let mut lost_agent = 0u64;
-    let mut peak_rss_kib = 0u64;
-    for round in 0..rounds {
-        let secs = churn(connections)?;
-        without.push(connections as f64 / secs);
-
-        let agent = Agent::start(&agent_bin, &agent_args)?;
-        let before = agent.metrics()?;
-        let cpu0 = agent.cpu_seconds()?;
-        let secs = churn(connections)?;
-        // Let the reader's drain timer take the tail of the ring.
-        std::thread::sleep(Duration::from_millis(300));
-        let cpu1 = agent.cpu_seconds()?;
-        let after = agent.metrics()?;
-        peak_rss_kib = peak_rss_kib.max(agent.peak_rss_kib()?);
-        agent.stop()?;
-        with.push(connections as f64 / secs);
-        cpu_s += cpu1 - cpu0;
-        events +=
-            metric(&after, "tcpstate_events_total") - metric(&before, "tcpstate_events_total");
-        lost_kernel += metric(&after, "tcpstate_events_lost_total{stage=\"kernel\"}");
-        lost_agent += metric(&after, "tcpstate_events_lost_total{stage=\"agent\"}");
-        eprintln!(
-            "bench: round {}: without {:.0} conn/s, with {:.0} conn/s",
-            round + 1,
-            without[round],
-            with[round]
-        );
-    }
-
-    // One more, untimed round with the kernel's accounting of the program's run time on: the
-    // accounting adds two clock reads per run, so it stays off while throughput is measured.
-    let stats_was = std::fs::read_to_string(BPF_STATS).unwrap_or_else(|_| "0".into());
-    let (prog_ns, prog_runs) = {
-        let _restore = RestoreFile(BPF_STATS, stats_was.trim().to_string());
-        std::fs::write(BPF_STATS, "1").map_err(|e| format!("{BPF_STATS}: {e}"))?;
-        let agent = Agent::start(&agent_bin, &agent_args)?;
-        churn(connections)?;
-        let run_time = agent.program_run_time();
-        agent.stop()?;
-        run_time
-    };
-
-    let ratios: Vec<f64> = with.iter().zip(&without).map(|(w, wo)| w / wo).collect();
+    let m = bench.measure(rounds)?;
     let expected = connections * rounds as u64 * 10;
-    let transitions = events.max(1);
+    let transitions = m.events.max(1);
     println!("## churn benchmark: {connections} connections x {rounds} rounds per side");
     println!();
     println!("| measure | value |");
     println!("|---|---|");
     println!(
         "| throughput without agent (median) | {:.0} conn/s |",
-        median(&without)
+        median(&m.without)
     );
     println!(
         "| throughput with agent (median) | {:.0} conn/s |",
-        median(&with)
+        median(&m.with)
     );
     println!(
-        "| throughput ratio with/without (median of rounds) | {:.3} |",
-        median(&ratios)
+        "| throughput ratio with/without (median of rounds) | {:.3} (rounds: {}) |",
+        m.ratio(),
+        m.spread()
     );
     println!(
-        "| transitions seen / expected | {events} / {expected} ({:.0} per second at the median) |",
-        median(&with) * 10.0
+        "| transitions seen / expected | {} / {expected} ({:.0} per second at the median) |",
+        m.events,
+        median(&m.with) * 10.0
     );
     println!(
         "| agent CPU per million transitions | {:.3} s |",
-        cpu_s / transitions as f64 * 1e6
+        m.cpu_s / transitions as f64 * 1e6
     );
     println!(
         "| eBPF program run time per transition (kernel bpf_stats) | {:.0} ns |",
-        prog_ns as f64 / prog_runs.max(1) as f64
+        m.program_ns
     );
-    println!("| events lost in the kernel (ring full) | {lost_kernel} |");
-    println!("| events lost in the agent | {lost_agent} |");
+    println!(
+        "| events lost in the kernel (ring full) | {} |",
+        m.lost_kernel
+    );
+    println!("| events lost in the agent | {} |", m.lost_agent);
     println!(
         "| agent peak RSS | {:.1} MiB |",
-        peak_rss_kib as f64 / 1024.0
+        m.peak_rss_kib as f64 / 1024.0
     );
+
+    if breakdown {
+        // Whatever happens, leave the real agent behind.
+        struct Restore<'a>(Rebuild<'a>);
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                if let Err(e) = (self.0)(None) {
+                    eprintln!("bench: rebuilding the real agent failed: {e}");
+                }
+            }
+        }
+        let _restore = Restore(rebuild);
+        let mut rows = Vec::new();
+        for (variant, left_out) in VARIANTS {
+            rebuild(Some(variant))?;
+            let v = bench.measure(rounds)?;
+            rows.push((variant, left_out, v.ratio(), v.spread(), v.program_ns));
+        }
+        println!();
+        println!("## what each part of the program costs ({rounds} rounds per side each)");
+        println!();
+        println!("| build | left out | throughput ratio (median) | rounds | program run time |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| full | nothing | {:.3} | {} | {:.0} ns |",
+            m.ratio(),
+            m.spread(),
+            m.program_ns
+        );
+        for (variant, left_out, ratio, spread, ns) in rows {
+            println!("| {variant} | {left_out} | {ratio:.3} | {spread} | {ns:.0} ns |");
+        }
+    }
     Ok(())
+}
+
+struct Bench {
+    xtask: std::path::PathBuf,
+    agent_bin: std::path::PathBuf,
+    agent_args: Vec<String>,
+    connections: u64,
+}
+
+/// What `rounds` interleaved rounds without and with the agent measured.
+#[derive(Default)]
+struct Measurement {
+    without: Vec<f64>,
+    with: Vec<f64>,
+    cpu_s: f64,
+    events: u64,
+    lost_kernel: u64,
+    lost_agent: u64,
+    peak_rss_kib: u64,
+    /// Mean run time of the program per transition, from an extra round with bpf_stats on.
+    program_ns: f64,
+}
+
+impl Measurement {
+    fn ratios(&self) -> Vec<f64> {
+        self.with
+            .iter()
+            .zip(&self.without)
+            .map(|(w, wo)| w / wo)
+            .collect()
+    }
+
+    /// The median over rounds of with/without.
+    fn ratio(&self) -> f64 {
+        median(&self.ratios())
+    }
+
+    /// The lowest and highest round's ratio: on a shared VM rounds swing by several percent.
+    fn spread(&self) -> String {
+        let r = self.ratios();
+        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.2}–{hi:.2}")
+    }
+}
+
+impl Bench {
+    /// Runs the churn worker for `n` connections in the namespace; returns the seconds taken.
+    fn churn(&self, n: u64) -> Result<f64> {
+        let out = output(
+            Command::new("ip")
+                .args(["netns", "exec", NETNS])
+                .arg(&self.xtask)
+                .args(["churn-worker", &n.to_string(), &CHURN_PORT.to_string()]),
+        )?;
+        out.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("churn worker said `{out}`"))
+    }
+
+    fn measure(&self, rounds: usize) -> Result<Measurement> {
+        let connections = self.connections;
+        let mut m = Measurement::default();
+        for round in 0..rounds {
+            let secs = self.churn(connections)?;
+            m.without.push(connections as f64 / secs);
+
+            let agent = Agent::start(&self.agent_bin, &self.agent_args)?;
+            let before = agent.metrics()?;
+            let cpu0 = agent.cpu_seconds()?;
+            let secs = self.churn(connections)?;
+            // Let the reader's drain timer take the tail of the ring.
+            std::thread::sleep(Duration::from_millis(300));
+            let cpu1 = agent.cpu_seconds()?;
+            let after = agent.metrics()?;
+            m.peak_rss_kib = m.peak_rss_kib.max(agent.peak_rss_kib()?);
+            agent.stop()?;
+            m.with.push(connections as f64 / secs);
+            m.cpu_s += cpu1 - cpu0;
+            m.events +=
+                metric(&after, "tcpstate_events_total") - metric(&before, "tcpstate_events_total");
+            m.lost_kernel += metric(&after, "tcpstate_events_lost_total{stage=\"kernel\"}");
+            m.lost_agent += metric(&after, "tcpstate_events_lost_total{stage=\"agent\"}");
+            eprintln!(
+                "bench: round {}: without {:.0} conn/s, with {:.0} conn/s",
+                round + 1,
+                m.without[round],
+                m.with[round]
+            );
+        }
+
+        // One more, untimed round with the kernel's accounting of the program's run time on:
+        // the accounting adds two clock reads per run, so it stays off while throughput is
+        // measured.
+        let stats_was = std::fs::read_to_string(BPF_STATS).unwrap_or_else(|_| "0".into());
+        let _restore = RestoreFile(BPF_STATS, stats_was.trim().to_string());
+        std::fs::write(BPF_STATS, "1").map_err(|e| format!("{BPF_STATS}: {e}"))?;
+        let agent = Agent::start(&self.agent_bin, &self.agent_args)?;
+        self.churn(connections)?;
+        let (ns, runs) = agent.program_run_time();
+        agent.stop()?;
+        m.program_ns = ns as f64 / runs.max(1) as f64;
+        Ok(m)
+    }
 }
 
 /// `xtask churn-worker N PORT`: runs N connections on 127.0.0.1:PORT, prints seconds taken.

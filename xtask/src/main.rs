@@ -53,7 +53,17 @@ fn main() -> ExitCode {
         "test" => setup().and_then(|env| test(&env)),
         "bench" => setup().and_then(|env| {
             build(&env)?;
-            bench::main(&root(), rest)?;
+            let rebuild = |variant: Option<&str>| {
+                let mut cmd = Command::new("cargo");
+                cmd.current_dir(root())
+                    .args(["build", "--release", "--bins"]);
+                match variant {
+                    Some(v) => cmd.env("TCPSTATE_BENCH_VARIANT", v),
+                    None => cmd.env_remove("TCPSTATE_BENCH_VARIANT"),
+                };
+                sh(env.apply(&mut cmd))
+            };
+            bench::main(&root(), rest, &rebuild)?;
             // The linger detector's pass over 100k sockets and the owner lookup's /proc scan
             // over 2,000 processes (userspace, off the event path).
             sh(env.apply(
