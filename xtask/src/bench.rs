@@ -23,7 +23,7 @@ const HELP: &str =
     "usage: cargo xtask bench [--connections N] [--rounds R] [--breakdown] [-- AGENT_ARGS...]
 
   --connections N  connections per round (default 50000, ten transitions each)
-  --rounds R       rounds of each kind, interleaved (default 7)
+  --rounds R       rounds of each kind, interleaved (default 15)
   --breakdown      also rebuild the eBPF program five times, each with one part left out
                    (everything, all but the record copy, the map, the clock, the ring buffer),
                    and measure the throughput ratio of each: what every part costs. Rebuilds
@@ -46,7 +46,7 @@ pub type Rebuild<'a> = &'a dyn Fn(Option<&str>) -> Result;
 
 pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
     let mut connections = 50_000u64;
-    let mut rounds = 7usize;
+    let mut rounds = 15usize;
     let mut breakdown = false;
     let mut agent_args: Vec<String> = Vec::new();
     let mut it = args.iter();
