@@ -445,3 +445,65 @@ fn the_dockerfile_agrees_with_the_build_and_the_manifests() {
         "the DaemonSet's containerPort is not {port}"
     );
 }
+
+/// The runtime image is distroless/cc-debian12: glibc 2.36, libgcc_s and libm, nothing else.
+/// The binary built the same way (Rust 1.95 on Debian 12) must need no more than that.
+#[test]
+fn the_binary_needs_only_what_the_runtime_image_ships() {
+    let bin = env!("CARGO_BIN_EXE_tcpstate");
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .arg(bin)
+            .output()
+            .unwrap_or_else(|e| panic!("{} (binutils): {e}", args[0]));
+        assert!(out.status.success(), "{args:?} failed");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    const SHIPPED: &[&str] = &[
+        "libc.so.6",
+        "libm.so.6",
+        "libgcc_s.so.1",
+        "ld-linux-x86-64.so.2",
+        "libpthread.so.0",
+        "libdl.so.2",
+        "librt.so.1",
+    ];
+    let dynamic = run(&["readelf", "-d"]);
+    let needed: Vec<&str> = dynamic
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1)?.split(']').next())
+        .collect();
+    assert!(
+        !needed.is_empty(),
+        "readelf found no NEEDED entries:\n{dynamic}"
+    );
+    for lib in &needed {
+        assert!(
+            SHIPPED.contains(lib),
+            "the binary needs {lib}, which distroless/cc-debian12 does not ship"
+        );
+    }
+    // The newest glibc symbol version it asks for must be in Debian 12's glibc (2.36).
+    let symbols = run(&["objdump", "-T"]);
+    let newest = symbols
+        .split("GLIBC_")
+        .skip(1)
+        .filter_map(|v| {
+            let v: String = v
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+            Some((parts.next()?, parts.next().unwrap_or(0)))
+        })
+        .max()
+        .expect("no GLIBC_ symbol versions found");
+    assert!(
+        newest <= (2, 36),
+        "the binary needs glibc {}.{}, newer than Debian 12's 2.36",
+        newest.0,
+        newest.1
+    );
+}
