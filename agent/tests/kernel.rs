@@ -123,13 +123,22 @@ fn connection_counts_equal_ss_for_both_roles_over_ipv4_and_ipv6() {
     }
 }
 
+/// What the in-process pipeline saw.
+struct Seen {
+    /// Every transition on the ports, grouped by socket in arrival order.
+    by_sock: BTreeMap<u64, Vec<Transition>>,
+    /// Runs the kernel skipped because another BPF program was running on that CPU (an
+    /// interrupt arriving while one runs): the kernel's own loss, counted, not the program's.
+    recursion_misses: u64,
+}
+
 /// The in-process pipeline: program, ring buffer, reader; returns every transition on `ports`
 /// seen while `scenario` runs, grouped by socket in arrival order.
 fn transitions_during(
     ports: &[u16],
     scenario: impl FnOnce(),
     done: impl Fn(&BTreeMap<u64, Vec<Transition>>) -> bool,
-) -> BTreeMap<u64, Vec<Transition>> {
+) -> Seen {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let layout = tracefs::read_layout(&tracefs::locate(None).unwrap()).unwrap();
     let loaded = bpf::load(
@@ -184,8 +193,17 @@ fn transitions_during(
         (0, 0),
         "the reader lost or failed to decode events"
     );
+    assert_eq!(
+        loaded.drops.total().unwrap(),
+        0,
+        "the program found the ring buffer full"
+    );
+    let recursion_misses = loaded.recursion.read();
     drop(loaded.probe);
-    by_sock
+    Seen {
+        by_sock,
+        recursion_misses,
+    }
 }
 
 fn states(ts: &[Transition]) -> Vec<(TcpState, TcpState)> {
@@ -208,38 +226,65 @@ fn close_client_first(ip: &str, port: u16) {
 fn every_transition_arrives_in_order_on_both_ends() {
     require_root();
     let ns = Netns::new("order");
-    let ns_name = ns.name.clone();
-    let ports = [7201u16, 7202];
-    let client_seq = [
+    // A run the kernel reports it skipped (see `Seen::recursion_misses`; other tests' programs
+    // run on the same CPUs) is tried again on fresh ports. Any other gap fails at once.
+    let mut skipped = Vec::new();
+    for attempt in 0..3u16 {
+        let ports = [7201 + 10 * attempt, 7202 + 10 * attempt];
+        let seen = transitions_during(
+            &ports,
+            || {
+                ns.enter(|| close_client_first("127.0.0.1", ports[0]));
+                ns.enter(|| close_client_first("::1", ports[1]));
+            },
+            |m| {
+                // Two connections and two listeners, each closed.
+                m.values()
+                    .filter(|v| v.last().is_some_and(|t| t.new == Close))
+                    .count()
+                    >= 6
+            },
+        );
+        match check_order(&ns, ports, &seen.by_sock) {
+            Ok(()) => return,
+            Err(e) if seen.recursion_misses > 0 => {
+                eprintln!(
+                    "attempt {attempt}: the kernel skipped the program {} time(s): {e}",
+                    seen.recursion_misses
+                );
+                skipped.push(e);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("three attempts, each with runs the kernel skipped: {skipped:#?}");
+}
+
+/// Both ends of each port's connection saw every transition, in order, with their tuple,
+/// pid, time in the state left, and network namespace.
+fn check_order(
+    ns: &Netns,
+    ports: [u16; 2],
+    by_sock: &BTreeMap<u64, Vec<Transition>>,
+) -> Result<(), String> {
+    let client_seq = vec![
         (Close, SynSent),
         (SynSent, Established),
         (Established, FinWait1),
         (FinWait1, FinWait2),
         (FinWait2, Close),
     ];
-    let server_seq = [
+    let server_seq = vec![
         (Listen, SynRecv),
         (SynRecv, Established),
         (Established, CloseWait),
         (CloseWait, LastAck),
         (LastAck, Close),
     ];
-    let complete = |m: &BTreeMap<u64, Vec<Transition>>| {
-        // Two connections and two listeners, each closed.
-        m.values()
-            .filter(|v| v.last().is_some_and(|t| t.new == Close))
-            .count()
-            >= 6
-    };
-    let by_sock = transitions_during(
-        &ports,
-        || {
-            ns.enter(|| close_client_first("127.0.0.1", ports[0]));
-            ns.enter(|| close_client_first("::1", ports[1]));
-        },
-        complete,
-    );
-
+    let inode =
+        tcpstate::sockdiag::netns_inode(std::path::Path::new(&format!("/run/netns/{}", ns.name)))
+            .unwrap();
+    let ensure = |ok: bool, what: String| if ok { Ok(()) } else { Err(what) };
     for port in ports {
         let client: Vec<_> = by_sock
             .values()
@@ -249,59 +294,49 @@ fn every_transition_arrives_in_order_on_both_ends() {
             .values()
             .filter(|v| v[0].old == Listen && v[0].new == SynRecv && v[0].local.port() == port)
             .collect();
-        assert_eq!(
-            client.len(),
-            1,
-            "port {port}: one client socket in {by_sock:#?}"
-        );
-        assert_eq!(
-            server.len(),
-            1,
-            "port {port}: one server socket in {by_sock:#?}"
-        );
-        assert_eq!(
-            states(client[0]),
-            client_seq,
-            "port {port}: client transitions"
-        );
-        assert_eq!(
-            states(server[0]),
-            server_seq,
-            "port {port}: server transitions"
-        );
-        for t in client[0].iter().chain(server[0].iter()).skip(1) {
+        ensure(
+            client.len() == 1 && server.len() == 1,
+            format!("port {port}: want one client and one server socket in {by_sock:#?}"),
+        )?;
+        let (client, server) = (client[0], server[0]);
+        ensure(
+            states(client) == client_seq,
+            format!("port {port}: client transitions {:?}", states(client)),
+        )?;
+        ensure(
+            states(server) == server_seq,
+            format!("port {port}: server transitions {:?}", states(server)),
+        )?;
+        for t in client.iter().chain(server.iter()).skip(1) {
             if !(t.old == Listen || t.old == Close) {
-                assert!(
+                ensure(
                     t.prev_state_ns.is_some(),
-                    "no time in {:?} for {t:?}",
-                    t.old
-                );
+                    format!("no time in {:?} for {t:?}", t.old),
+                )?;
             }
         }
         // The tuple is complete from ESTABLISHED on and the two ends mirror each other.
-        let c = &client[0][1];
-        let s = &server[0][1];
-        assert_eq!(c.local, s.remote, "port {port}");
-        assert_eq!(c.remote, s.local, "port {port}");
-        assert_eq!(c.remote.port(), port);
+        let (c, s) = (&client[1], &server[1]);
+        ensure(
+            c.local == s.remote && c.remote == s.local && c.remote.port() == port,
+            format!("port {port}: the ends do not mirror: {c:?} {s:?}"),
+        )?;
         let want_v6 = port == ports[1];
-        assert_eq!(c.local.is_ipv6(), want_v6, "port {port}: family");
+        ensure(
+            c.local.is_ipv6() == want_v6,
+            format!("port {port}: family of {c:?}"),
+        )?;
         // The open event of the client runs in the connecting task: its pid is ours.
-        assert_eq!(
-            client[0][0].pid,
-            std::process::id(),
-            "port {port}: connect() pid"
-        );
+        ensure(
+            client[0].pid == std::process::id(),
+            format!("port {port}: connect() pid {}", client[0].pid),
+        )?;
         // Every event carries the socket's network namespace: the test's own.
-        let inode = tcpstate::sockdiag::netns_inode(std::path::Path::new(&format!(
-            "/run/netns/{}",
-            ns_name
-        )))
-        .unwrap();
-        for t in client[0].iter().chain(server[0].iter()) {
-            assert_eq!(t.netns, inode, "port {port}: {t:?}");
+        for t in client.iter().chain(server.iter()) {
+            ensure(t.netns == inode, format!("port {port}: netns of {t:?}"))?;
         }
     }
+    Ok(())
 }
 
 #[test]
