@@ -336,23 +336,39 @@ impl Agent {
             if let Some(status) = agent.child.try_wait().map_err(|e| e.to_string())? {
                 return Err(format!("the agent exited during start: {status}"));
             }
-            if agent.metrics().is_ok() {
+            // Ready: attached, and the first sock_diag dump (seeding) is done. The rounds
+            // measure the agent's steady state, not its start.
+            if agent.get("/readyz").is_ok_and(|(status, _)| status == 200) {
                 return Ok(agent);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err("the agent did not serve /metrics within 15 s".into())
+        Err("the agent was not ready (/readyz) within 15 s".into())
     }
 
     fn metrics(&self) -> Result<String> {
+        match self.get("/metrics")? {
+            (200, body) => Ok(body),
+            (status, _) => Err(format!("/metrics answered {status}")),
+        }
+    }
+
+    /// Status and body of an HTTP/1.0 GET to the agent.
+    fn get(&self, path: &str) -> Result<(u16, String)> {
         let mut s = TcpStream::connect(AGENT_LISTEN).map_err(|e| e.to_string())?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
             .map_err(|e| e.to_string())?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).map_err(|e| e.to_string())?;
-        body.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .ok_or_else(|| "malformed HTTP reply".to_string())
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+        let (head, body) = reply
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| "malformed HTTP reply".to_string())?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("malformed HTTP status line in `{head}`"))?;
+        Ok((status, body.to_string()))
     }
 
     fn cpu_seconds(&self) -> Result<f64> {
