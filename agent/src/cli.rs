@@ -27,7 +27,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent: load the eBPF program and serve metrics until SIGINT/SIGTERM.
     #[command(
-        after_help = "Needs root, or CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN to mount tracefs when it is missing).\n\nExample:\n  sudo tcpstate agent --listen 127.0.0.1:10610"
+        after_help = "Needs root, or CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH (tracefs is root's).\nOptional: CAP_SYS_ADMIN to mount a missing tracefs and to dump other network namespaces,\nCAP_SYS_PTRACE to name sockets' owners in other users' processes.\ndeploy/systemd/tcpstate.service grants exactly these.\n\nExamples:\n  sudo tcpstate agent --listen 127.0.0.1:10610\n  tcpstate agent --check-config --config /etc/tcpstate/tcpstate.toml"
     )]
     Agent(AgentArgs),
     /// Per service port and role: connections per state, lingering, oldest lingering age.
@@ -224,6 +224,26 @@ impl AgentArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_help_names_every_capability_the_agent_checks() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("agent")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for cap in [
+            "CAP_BPF",
+            "CAP_PERFMON",
+            "CAP_DAC_READ_SEARCH",
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_PTRACE",
+        ] {
+            assert!(help.contains(cap), "`tcpstate agent --help` omits {cap}");
+        }
+    }
 
     #[test]
     fn defaults() {
