@@ -44,19 +44,24 @@ fn logged(agent: &AgentProc, prefix: &str, port: u16) -> Vec<serde_json::Value> 
 fn a_close_wait_leak_is_detected_ages_and_clears() {
     require_root();
     let ns = Netns::new("lcw");
-    let agent = AgentProc::start(&["--linger-after", "1s"]);
+    // A transition the kernel skips (counted; see `loss_context`) is repaired by the next
+    // reconciliation, so one runs within the waits below.
+    let agent = AgentProc::start(&["--linger-after", "1s", "--reconcile-interval", "2s"]);
     let port = 7501u16;
     let (listener, servers) = ns.enter(|| leak_close_wait(port, 5));
 
     // Threshold 1 s, detection every 250 ms: give it the threshold plus two intervals and slack.
     let started = Instant::now();
-    let text = eventually(Duration::from_secs(4), || {
+    let text = eventually(Duration::from_secs(8), || {
         let text = agent.metrics();
         let ss = ns.ss_counts(port);
         let ss_cw = ss.get(&("server".into(), "close_wait".into())).copied();
         match lingering(&text, port, "server", "close_wait") {
             Some(5.0) if ss_cw == Some(5) => Ok(text),
-            other => Err(format!("lingering {other:?}, ss close_wait {ss_cw:?}")),
+            other => Err(format!(
+                "lingering {other:?}, ss close_wait {ss_cw:?}; {}",
+                agent.loss_context()
+            )),
         }
     });
     assert!(
@@ -104,14 +109,17 @@ fn a_close_wait_leak_is_detected_ages_and_clears() {
     // The server finally closes: CLOSE_WAIT -> LAST_ACK -> CLOSE.
     drop(servers);
     drop(listener);
-    eventually(Duration::from_secs(3), || {
+    eventually(Duration::from_secs(6), || {
         let text = agent.metrics();
         match (
             lingering(&text, port, "server", "close_wait"),
             oldest(&text, port, "server", "close_wait"),
         ) {
             (Some(0.0), 0.0) => Ok(()),
-            other => Err(format!("lingering and oldest after close: {other:?}")),
+            other => Err(format!(
+                "lingering and oldest after close: {other:?}; {}",
+                agent.loss_context()
+            )),
         }
     });
     let left = eventually(Duration::from_secs(2), || {
@@ -132,7 +140,7 @@ fn a_close_wait_leak_is_detected_ages_and_clears() {
 fn a_fin_wait2_held_open_by_shutdown_is_detected_and_clears() {
     require_root();
     let ns = Netns::new("lfw");
-    let agent = AgentProc::start(&["--linger-after", "1s"]);
+    let agent = AgentProc::start(&["--linger-after", "1s", "--reconcile-interval", "2s"]);
     let port = 7502u16;
     let (listener, clients, servers) = ns.enter(|| {
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
@@ -147,13 +155,16 @@ fn a_fin_wait2_held_open_by_shutdown_is_detected_and_clears() {
         (listener, clients, servers)
     });
 
-    eventually(Duration::from_secs(4), || {
+    eventually(Duration::from_secs(8), || {
         let text = agent.metrics();
         let ss = ns.ss_counts(port);
         let ss_fw = ss.get(&("client".into(), "fin_wait2".into())).copied();
         match lingering(&text, port, "client", "fin_wait2") {
             Some(3.0) if ss_fw == Some(3) => Ok(()),
-            other => Err(format!("lingering {other:?}, ss fin_wait2 {ss_fw:?}")),
+            other => Err(format!(
+                "lingering {other:?}, ss fin_wait2 {ss_fw:?}; {}",
+                agent.loss_context()
+            )),
         }
     });
     // Their peers sit in CLOSE_WAIT, server side, and linger too.
@@ -168,11 +179,14 @@ fn a_fin_wait2_held_open_by_shutdown_is_detected_and_clears() {
 
     // The clients close: orphaned in FIN_WAIT2, the kernel hands them to timewait sockets.
     drop(clients);
-    eventually(Duration::from_secs(3), || {
+    eventually(Duration::from_secs(6), || {
         let text = agent.metrics();
         match lingering(&text, port, "client", "fin_wait2") {
             Some(0.0) if oldest(&text, port, "client", "fin_wait2") == 0.0 => Ok(()),
-            other => Err(format!("fin_wait2 lingering after close: {other:?}")),
+            other => Err(format!(
+                "fin_wait2 lingering after close: {other:?}; {}",
+                agent.loss_context()
+            )),
         }
     });
     let left = eventually(Duration::from_secs(2), || {

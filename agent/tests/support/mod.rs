@@ -229,6 +229,26 @@ impl AgentProc {
         self.try_metrics().expect("scrape /metrics")
     }
 
+    /// What the agent counted of lost events and repairs, for failure messages: a transition
+    /// the kernel skipped the program for (another BPF program running on that CPU when an
+    /// interrupt arrived) shows as a recursion miss, and the next reconciliation repairs it.
+    pub fn loss_context(&self) -> String {
+        let text = self.try_metrics().unwrap_or_default();
+        text.lines()
+            .filter(|l| {
+                [
+                    "tcpstate_events_total",
+                    "tcpstate_events_lost_total",
+                    "tcpstate_program_recursion_misses_total",
+                    "tcpstate_reconcile_corrections_total",
+                ]
+                .iter()
+                .any(|m| l.starts_with(m))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// Sends `signal`, waits for the exit, returns the status and everything it logged.
     pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> (ExitStatus, String) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
