@@ -150,7 +150,8 @@ pub struct AgentArgs {
     pub linger_log_cap: usize,
 
     /// How often the table is repaired from a sock_diag dump of every namespace (which also
-    /// counts TIME_WAIT and orphaned FIN_WAIT2 sockets).
+    /// counts TIME_WAIT and orphaned FIN_WAIT2 sockets). Transitions the kernel reports lost bring
+    /// the next one forward (no sooner than a quarter of this, 1 s to 5 s, after the last).
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_reconcile)]
     pub reconcile_interval: Duration,
 

@@ -188,13 +188,8 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         ready: ready.clone(),
     })));
     tasks.push(tokio::spawn(log_alerts(alert_rx)));
-    tasks.push(tokio::spawn(reconcile_every(
-        cfg.reconcile_interval,
-        req_tx.clone(),
-        shutdown_rx.clone(),
-    )));
 
-    let handle = TableHandle(req_tx);
+    let handle = TableHandle(req_tx.clone());
     let state = AppState {
         table: handle.clone(),
         reader: reader_stats.clone(),
@@ -204,6 +199,13 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         ring_bytes: u64::from(cfg.ring_bytes),
         ready: ready.clone(),
     };
+    let losses = state.clone();
+    tasks.push(tokio::spawn(reconcile_every(
+        cfg.reconcile_interval,
+        move || losses.kernel_losses().0,
+        req_tx,
+        shutdown_rx.clone(),
+    )));
     // Events per second over the last five seconds, for `tcpstate status`.
     let rate = Arc::new(Mutex::new(0.0f64));
     let (stats, out, mut stop) = (reader_stats.clone(), rate.clone(), shutdown_rx.clone());
@@ -410,20 +412,52 @@ async fn log_alerts(mut records: mpsc::Receiver<Vec<alerts::LogRecord>>) {
     }
 }
 
+/// The shortest time between a reconciliation and one brought forward by a kernel loss: a
+/// quarter of the interval, between 1 s and 5 s. Under sustained loss (a ring too small for the
+/// load) dumps stay bounded instead of adding to the overload.
+pub fn early_reconcile_gap(interval: std::time::Duration) -> std::time::Duration {
+    (interval / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(5),
+    )
+}
+
 /// Dumps every namespace's sockets now (seeding), then every `interval`, and hands each dump
-/// to the table task.
+/// to the table task. When the kernel reports lost transitions (`kernel_losses` grows: the ring
+/// was full, or the kernel skipped the program), the next dump is brought forward, no sooner
+/// than `early_reconcile_gap` after the last, so the table is repaired in seconds.
 async fn reconcile_every(
     interval: std::time::Duration,
+    kernel_losses: impl Fn() -> u64,
     table: mpsc::Sender<Request>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let gap = early_reconcile_gap(interval);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(std::time::Duration::from_secs(1));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut repaired = kernel_losses();
+    let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = poll.tick() => {
+                let lost = kernel_losses();
+                if lost <= repaired || last.elapsed() < gap {
+                    continue;
+                }
+                tracing::info!(
+                    lost = lost - repaired,
+                    "the kernel lost transitions; reconciling now instead of in up to {interval:?}"
+                );
+                tick.reset();
+            }
             _ = shutdown.changed() => return,
         }
+        // What was lost until now is repaired by this dump.
+        repaired = kernel_losses();
+        last = tokio::time::Instant::now();
         let started_ns = monotonic_ns();
         let Ok((dump, fin_timeout)) = tokio::task::spawn_blocking(|| {
             (
@@ -447,5 +481,20 @@ async fn reconcile_every(
         if table.send(request).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::early_reconcile_gap;
+    use std::time::Duration;
+
+    #[test]
+    fn an_early_reconciliation_waits_a_quarter_interval_between_one_and_five_seconds() {
+        let s = Duration::from_secs;
+        assert_eq!(early_reconcile_gap(s(15)), Duration::from_millis(3750));
+        assert_eq!(early_reconcile_gap(s(2)), s(1));
+        assert_eq!(early_reconcile_gap(Duration::from_millis(100)), s(1));
+        assert_eq!(early_reconcile_gap(s(3600)), s(5));
     }
 }

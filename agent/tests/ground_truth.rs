@@ -180,20 +180,7 @@ fn after_forced_loss_one_reconciliation_restores_the_counts() {
     // A ring of one page (about 50 events) drained every 10 ms cannot take a burst.
     let agent = AgentProc::start(&["--ring-size", "4096", "--reconcile-interval", "2s"]);
     let port = 7604u16;
-    let _held = ns.enter(|| {
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        let mut held = Vec::new();
-        for i in 0..600 {
-            let (c, s) = connect_pair(&listener);
-            match i % 3 {
-                0 => {}
-                1 => c.shutdown(Shutdown::Write).unwrap(),
-                _ => s.shutdown(Shutdown::Write).unwrap(),
-            }
-            held.extend([c, s]);
-        }
-        (listener, held)
-    });
+    let _held = ns.enter(|| burst(port));
     let text = agent.metrics();
     let lost = value(&text, "tcpstate_events_lost_total", &[("stage", "kernel")]).unwrap();
     assert!(lost > 0.0, "the burst must overflow the ring: {lost} lost");
@@ -220,6 +207,61 @@ fn after_forced_loss_one_reconciliation_restores_the_counts() {
         })
         .sum();
     assert!(corrected > 0.0, "the repair is counted");
+}
+
+/// 600 connections at once on `port`: a third ESTABLISHED, a third half-closed by the client,
+/// a third by the server. Far more events than a one-page ring holds.
+fn burst(port: u16) -> (TcpListener, Vec<std::net::TcpStream>) {
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let mut held = Vec::new();
+    for i in 0..600 {
+        let (c, s) = connect_pair(&listener);
+        match i % 3 {
+            0 => {}
+            1 => c.shutdown(Shutdown::Write).unwrap(),
+            _ => s.shutdown(Shutdown::Write).unwrap(),
+        }
+        held.extend([c, s]);
+    }
+    (listener, held)
+}
+
+#[test]
+fn a_kernel_loss_brings_the_next_reconciliation_forward() {
+    require_root();
+    let ns = Netns::new("early");
+    // An hour between reconciliations: only the early one can repair the loss in time.
+    let agent = AgentProc::start(&["--ring-size", "4096", "--reconcile-interval", "1h"]);
+    let port = 7605u16;
+    let _held = ns.enter(|| burst(port));
+    let lost = value(
+        &agent.metrics(),
+        "tcpstate_events_lost_total",
+        &[("stage", "kernel")],
+    )
+    .unwrap();
+    assert!(lost > 0.0, "the burst must overflow the ring: {lost} lost");
+
+    // Seeding ran at start; the early dump follows at most 5 s after it (plus the 1 s poll).
+    eventually(Duration::from_secs(12), || {
+        let ours = agent_counts(&agent.metrics(), port);
+        let ss = ns.ss_counts(port);
+        if ours == ss {
+            Ok(())
+        } else {
+            Err(format!("tcpstate {ours:?}\n      ss {ss:?}"))
+        }
+    });
+    let early = agent
+        .log_records()
+        .into_iter()
+        .filter(|r| {
+            r["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("the kernel lost transitions; reconciling now"))
+        })
+        .count();
+    assert!(early >= 1, "the early reconciliation is logged");
 }
 
 /// Counts of `tcpstate_connections` for one port and one namespace (the `netns` label).
