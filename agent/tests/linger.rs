@@ -40,6 +40,60 @@ fn logged(agent: &AgentProc, prefix: &str, port: u16) -> Vec<serde_json::Value> 
         .collect()
 }
 
+/// Waits until `n` connections of `port` linger in `state` (label spelling) for `role`, and `ss`
+/// shows exactly `n` in that state; returns the scrape that showed it.
+fn until_lingering(
+    agent: &AgentProc,
+    ns: &Netns,
+    port: u16,
+    (role, state): (&str, &str),
+    n: u64,
+) -> String {
+    eventually(Duration::from_secs(8), || {
+        let text = agent.metrics();
+        let in_ss = ns
+            .ss_counts(port)
+            .get(&(role.into(), state.into()))
+            .copied();
+        match lingering(&text, port, role, state) {
+            Some(v) if v == n as f64 && in_ss == Some(n) => Ok(text),
+            other => Err(format!(
+                "lingering {other:?}, ss {state} {in_ss:?}; {}",
+                agent.loss_context()
+            )),
+        }
+    })
+}
+
+/// Waits until nothing of `port` lingers in `state` for `role` and the oldest age is back to 0.
+fn until_cleared(agent: &AgentProc, port: u16, (role, state): (&str, &str)) {
+    eventually(Duration::from_secs(6), || {
+        let text = agent.metrics();
+        match (
+            lingering(&text, port, role, state),
+            oldest(&text, port, role, state),
+        ) {
+            (Some(0.0), 0.0) => Ok(()),
+            other => Err(format!(
+                "{state} lingering and oldest after close: {other:?}; {}",
+                agent.loss_context()
+            )),
+        }
+    });
+}
+
+/// Waits for `n` "lingering connection left STATE" records of `port`; returns them.
+fn until_left(agent: &AgentProc, port: u16, state: &str, n: usize) -> Vec<serde_json::Value> {
+    eventually(Duration::from_secs(2), || {
+        let left = logged(agent, &format!("lingering connection left {state}"), port);
+        if left.len() == n {
+            Ok(left)
+        } else {
+            Err(format!("{} leave events", left.len()))
+        }
+    })
+}
+
 #[test]
 fn a_close_wait_leak_is_detected_ages_and_clears() {
     require_root();
@@ -52,18 +106,7 @@ fn a_close_wait_leak_is_detected_ages_and_clears() {
 
     // Threshold 1 s, detection every 250 ms: give it the threshold plus two intervals and slack.
     let started = Instant::now();
-    let text = eventually(Duration::from_secs(8), || {
-        let text = agent.metrics();
-        let ss = ns.ss_counts(port);
-        let ss_cw = ss.get(&("server".into(), "close_wait".into())).copied();
-        match lingering(&text, port, "server", "close_wait") {
-            Some(5.0) if ss_cw == Some(5) => Ok(text),
-            other => Err(format!(
-                "lingering {other:?}, ss close_wait {ss_cw:?}; {}",
-                agent.loss_context()
-            )),
-        }
-    });
+    let text = until_lingering(&agent, &ns, port, ("server", "close_wait"), 5);
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "flagged before the threshold"
@@ -109,27 +152,8 @@ fn a_close_wait_leak_is_detected_ages_and_clears() {
     // The server finally closes: CLOSE_WAIT -> LAST_ACK -> CLOSE.
     drop(servers);
     drop(listener);
-    eventually(Duration::from_secs(6), || {
-        let text = agent.metrics();
-        match (
-            lingering(&text, port, "server", "close_wait"),
-            oldest(&text, port, "server", "close_wait"),
-        ) {
-            (Some(0.0), 0.0) => Ok(()),
-            other => Err(format!(
-                "lingering and oldest after close: {other:?}; {}",
-                agent.loss_context()
-            )),
-        }
-    });
-    let left = eventually(Duration::from_secs(2), || {
-        let left = logged(&agent, "lingering connection left CLOSE_WAIT", port);
-        if left.len() == 5 {
-            Ok(left)
-        } else {
-            Err(format!("{} leave events", left.len()))
-        }
-    });
+    until_cleared(&agent, port, ("server", "close_wait"));
+    let left = until_left(&agent, port, "CLOSE_WAIT", 5);
     for l in &left {
         assert_eq!(l["level"], "INFO");
         assert_eq!(l["fields"]["ended"], "closed_by_application", "{l}");
@@ -155,18 +179,7 @@ fn a_fin_wait2_held_open_by_shutdown_is_detected_and_clears() {
         (listener, clients, servers)
     });
 
-    eventually(Duration::from_secs(8), || {
-        let text = agent.metrics();
-        let ss = ns.ss_counts(port);
-        let ss_fw = ss.get(&("client".into(), "fin_wait2".into())).copied();
-        match lingering(&text, port, "client", "fin_wait2") {
-            Some(3.0) if ss_fw == Some(3) => Ok(()),
-            other => Err(format!(
-                "lingering {other:?}, ss fin_wait2 {ss_fw:?}; {}",
-                agent.loss_context()
-            )),
-        }
-    });
+    until_lingering(&agent, &ns, port, ("client", "fin_wait2"), 3);
     // Their peers sit in CLOSE_WAIT, server side, and linger too.
     assert_eq!(
         lingering(&agent.metrics(), port, "server", "close_wait"),
@@ -179,24 +192,8 @@ fn a_fin_wait2_held_open_by_shutdown_is_detected_and_clears() {
 
     // The clients close: orphaned in FIN_WAIT2, the kernel hands them to timewait sockets.
     drop(clients);
-    eventually(Duration::from_secs(6), || {
-        let text = agent.metrics();
-        match lingering(&text, port, "client", "fin_wait2") {
-            Some(0.0) if oldest(&text, port, "client", "fin_wait2") == 0.0 => Ok(()),
-            other => Err(format!(
-                "fin_wait2 lingering after close: {other:?}; {}",
-                agent.loss_context()
-            )),
-        }
-    });
-    let left = eventually(Duration::from_secs(2), || {
-        let left = logged(&agent, "lingering connection left FIN_WAIT2", port);
-        if left.len() == 3 {
-            Ok(left)
-        } else {
-            Err(format!("{} leave events", left.len()))
-        }
-    });
+    until_cleared(&agent, port, ("client", "fin_wait2"));
+    let left = until_left(&agent, port, "FIN_WAIT2", 3);
     assert!(
         left.iter().all(|l| l["fields"]["ended"] == "closed"),
         "{left:#?}"
