@@ -440,8 +440,9 @@ async fn reconcile_every(
     let mut repaired = kernel_losses();
     let mut last = tokio::time::Instant::now();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        // The losses so far: this dump repairs them.
+        let lost = tokio::select! {
+            _ = tick.tick() => kernel_losses(),
             _ = poll.tick() => {
                 let lost = kernel_losses();
                 if lost <= repaired || last.elapsed() < gap {
@@ -452,11 +453,11 @@ async fn reconcile_every(
                     "the kernel lost transitions; reconciling now instead of in up to {interval:?}"
                 );
                 tick.reset();
+                lost
             }
             _ = shutdown.changed() => return,
-        }
-        // What was lost until now is repaired by this dump.
-        repaired = kernel_losses();
+        };
+        repaired = lost;
         last = tokio::time::Instant::now();
         let started_ns = monotonic_ns();
         let Ok((dump, fin_timeout)) = tokio::task::spawn_blocking(|| {
