@@ -41,7 +41,8 @@ const VARIANTS: &[(&str, &str)] = &[
     ("no-ring", "the ring buffer: no event leaves the kernel"),
 ];
 
-/// Rebuilds `target/release/tcpstate` with the program variant given, or the real one.
+/// Rebuilds `target/release/tcpstate` with the program variant given, or as the environment
+/// says (the real program, unless `TCPSTATE_BENCH_VARIANT` is set there).
 pub type Rebuild<'a> = &'a dyn Fn(Option<&str>) -> Result;
 
 pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {

@@ -45,25 +45,15 @@ fn main() -> ExitCode {
     };
     let result = match cmd {
         "setup" => setup().map(|_| ()),
-        "build" => setup().and_then(|env| build(&env)),
+        "build" => setup().and_then(|env| build(&env, None)),
         "run" => setup().and_then(|env| {
-            build(&env)?;
+            build(&env, None)?;
             run(rest)
         }),
         "test" => setup().and_then(|env| test(&env)),
         "bench" => setup().and_then(|env| {
-            build(&env)?;
-            let rebuild = |variant: Option<&str>| {
-                let mut cmd = Command::new("cargo");
-                cmd.current_dir(root())
-                    .args(["build", "--release", "--bins"]);
-                match variant {
-                    Some(v) => cmd.env("TCPSTATE_BENCH_VARIANT", v),
-                    None => cmd.env_remove("TCPSTATE_BENCH_VARIANT"),
-                };
-                sh(env.apply(&mut cmd))
-            };
-            bench::main(&root(), rest, &rebuild)?;
+            build(&env, None)?;
+            bench::main(&root(), rest, &|variant| build(&env, variant))?;
             // The linger detector's pass over 100k sockets and the owner lookup's /proc scan
             // over 2,000 processes (userspace, off the event path).
             sh(env.apply(
@@ -295,10 +285,15 @@ fn ensure_bpf_linker(toolchain: &str, sysroot: &Path) -> Result {
         .env("LLVM_PREFIX", &prefix))
 }
 
-fn build(benv: &BuildEnv) -> Result {
+/// Builds target/release/tcpstate; with `variant`, the eBPF program's benchmark variant
+/// (`TCPSTATE_BENCH_VARIANT`, see `cargo xtask bench --breakdown`).
+fn build(benv: &BuildEnv, variant: Option<&str>) -> Result {
+    let mut cmd = Command::new("cargo");
+    if let Some(v) = variant {
+        cmd.env("TCPSTATE_BENCH_VARIANT", v);
+    }
     sh(benv.apply(
-        Command::new("cargo")
-            .current_dir(root())
+        cmd.current_dir(root())
             .args(["build", "--release", "--bins"]),
     ))
 }
