@@ -51,6 +51,14 @@ pub enum ApiError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "{path} exists and is not a socket: the agent will not remove it; pass --socket with another path"
+    )]
+    NotASocket { path: String },
+    #[error(
+        "another agent answers on the API socket {path}: stop it, or pass --socket with another path"
+    )]
+    InUse { path: String },
     #[error("cannot listen on the API socket {path}: {source}; pass --socket with another path")]
     Bind {
         path: String,
@@ -58,16 +66,34 @@ pub enum ApiError {
     },
 }
 
-/// Parses a state given as a label (`close_wait`) or a name (`CLOSE_WAIT`, `CLOSE-WAIT`).
-pub fn parse_state(s: &str) -> Option<TcpState> {
-    let norm = s.trim().to_ascii_lowercase().replace('-', "_");
-    let norm = match norm.as_str() {
-        "estab" => "established".to_string(),
-        "fin_wait_1" => "fin_wait1".to_string(),
-        "fin_wait_2" => "fin_wait2".to_string(),
-        _ => norm,
+pub use crate::config::parse_state;
+
+/// Removes a socket file left by an agent that died (nobody answers on it). Anything else at
+/// `path` is the user's: a regular file, a directory or a live agent's socket is refused and
+/// left as it is.
+fn remove_stale_socket(path: &Path) -> Result<(), ApiError> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display().to_string();
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ApiError::Bind {
+                path: shown,
+                source,
+            });
+        }
     };
-    TcpState::ALL.into_iter().find(|st| st.label() == norm)
+    if !meta.file_type().is_socket() {
+        return Err(ApiError::NotASocket { path: shown });
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(ApiError::InUse { path: shown });
+    }
+    std::fs::remove_file(path).map_err(|source| ApiError::Bind {
+        path: shown,
+        source,
+    })
 }
 
 /// Creates the directory and socket with their modes and group, and returns the listener.
@@ -86,10 +112,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
             let _ = nix::unistd::chown(dir, None, Some(g.gid));
         }
     }
-    // A socket file left by an agent that died: nobody answers on it.
-    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
-        let _ = std::fs::remove_file(path);
-    }
+    remove_stale_socket(path)?;
     let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
         path: shown.clone(),
         source,
@@ -531,6 +554,30 @@ mod tests {
         // A stale socket file (nobody listening) is replaced.
         drop(_l);
         assert!(bind(&base.join("a.sock")).is_ok());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_refuses_what_is_not_a_stale_socket_and_leaves_it() {
+        let base = std::env::temp_dir().join(format!("tcpstate-refuse-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        // A regular file given by mistake survives, byte for byte.
+        let file = base.join("notes.txt");
+        std::fs::write(&file, "precious").unwrap();
+        let e = bind(&file).unwrap_err();
+        assert!(matches!(e, ApiError::NotASocket { .. }), "{e}");
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        assert!(e.to_string().contains("--socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+        // So does a directory.
+        let dir = base.join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        assert!(matches!(bind(&dir), Err(ApiError::NotASocket { .. })));
+        assert!(dir.is_dir());
+        // A live agent's socket is not stolen.
+        let live = base.join("live.sock");
+        let _l = bind(&live).unwrap();
+        assert!(matches!(bind(&live), Err(ApiError::InUse { .. })));
         std::fs::remove_dir_all(&base).unwrap();
     }
 

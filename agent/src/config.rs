@@ -6,6 +6,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::alerts::Thresholds;
+use crate::table::StateSet;
+use tcpstate_common::TcpState;
 
 /// The default `--listen`: all interfaces, on a port outside the Prometheus exporter range
 /// (9100-9999, fully allocated) that no common service uses.
@@ -17,6 +19,13 @@ pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 pub const DEFAULT_MAX_SOCKETS: u32 = 131_072;
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_RECONCILE: Duration = Duration::from_secs(15);
+/// A port retires after this long without a socket or a transition: longer than a scrape
+/// interval (so the drop to 0 is scraped) and than TIME_WAIT (60 s), short enough that a
+/// burst of one-off ports frees its slots within minutes.
+pub const DEFAULT_PORT_RETIRE: Duration = Duration::from_secs(300);
+pub const DEFAULT_PORT_RETIRE_TEXT: &str = "5m";
+pub const DEFAULT_DURATION_STATES_TEXT: &str =
+    "syn_sent,syn_recv,established,close_wait,fin_wait2,last_ack";
 
 /// Everything `tcpstate agent` needs, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +46,12 @@ pub struct AgentConfig {
     pub per_netns: bool,
     /// The local API's Unix socket.
     pub socket: PathBuf,
+    /// A port without sockets or transitions for this long gives its slot back.
+    pub port_retire_after: Duration,
+    /// Ports per role with duration histograms of their own.
+    pub histogram_ports: u32,
+    /// States whose durations are observed.
+    pub duration_states: StateSet,
 }
 
 impl AgentConfig {
@@ -58,6 +73,35 @@ pub enum ConfigError {
     },
     #[error("{key}: {value} bytes is not a power of two of at least 4096 and at most 1GiB")]
     RingSize { key: &'static str, value: u64 },
+    #[error(
+        "{key}: `{value}` is not a TCP state: use names like established, close_wait, fin_wait2, separated by commas"
+    )]
+    State { key: &'static str, value: String },
+}
+
+/// Parses a state given as a label (`close_wait`) or a name (`CLOSE_WAIT`, `CLOSE-WAIT`).
+pub fn parse_state(s: &str) -> Option<TcpState> {
+    let norm = s.trim().to_ascii_lowercase().replace('-', "_");
+    let norm = match norm.as_str() {
+        "estab" => "established".to_string(),
+        "fin_wait_1" => "fin_wait1".to_string(),
+        "fin_wait_2" => "fin_wait2".to_string(),
+        _ => norm,
+    };
+    TcpState::ALL.into_iter().find(|st| st.label() == norm)
+}
+
+/// Parses a comma-separated list of states (`syn_sent,established`); empty means none.
+pub fn parse_states(key: &'static str, text: &str) -> Result<StateSet, ConfigError> {
+    let mut set = StateSet::default();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let state = parse_state(part).ok_or_else(|| ConfigError::State {
+            key,
+            value: part.to_string(),
+        })?;
+        set.insert(state);
+    }
+    Ok(set)
 }
 
 /// Parses a byte size: `4194304`, `4096KiB`, `4MiB`, `4M`, `1GiB`.
@@ -166,6 +210,24 @@ mod tests {
         assert!(e.to_string().contains("longer than zero"), "{e}");
         assert!(parse_duration("k", "soon").is_err());
         assert!(parse_duration("k", "").is_err());
+    }
+
+    #[test]
+    fn state_lists() {
+        let set = parse_states("k", "syn_sent, CLOSE-WAIT,fin_wait_2").unwrap();
+        let got: Vec<_> = set.states().collect();
+        assert_eq!(
+            got,
+            vec![TcpState::SynSent, TcpState::FinWait2, TcpState::CloseWait]
+        );
+        assert_eq!(parse_states("k", "").unwrap(), StateSet::default());
+        let e = parse_states("--duration-states", "established,napping").unwrap_err();
+        assert!(e.to_string().contains("`napping`"), "{e}");
+        assert!(e.to_string().contains("--duration-states"), "{e}");
+        assert_eq!(
+            parse_states("k", DEFAULT_DURATION_STATES_TEXT).unwrap(),
+            crate::table::DEFAULT_DURATION_STATES
+        );
     }
 
     #[test]
