@@ -173,7 +173,9 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
     let (req_tx, req_rx) = mpsc::channel::<Request>(16);
     let table = Table::new(cfg.max_ports as usize, config::ephemeral_range())
         .per_netns(cfg.per_netns && netns.is_some())
-        .netns_in_events(netns.is_some());
+        .netns_in_events(netns.is_some())
+        .histogram_ports(cfg.histogram_ports as usize)
+        .duration_states(cfg.duration_states);
     let detector = Detector::new(cfg.thresholds);
     let (alert_tx, alert_rx) = mpsc::channel(64);
     let (watch_tx, _) = broadcast::channel(WATCH_QUEUE);
@@ -186,6 +188,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         log_cap: cfg.linger_log_cap,
         watch_tx: watch_tx.clone(),
         ready: ready.clone(),
+        port_retire_ns: cfg.port_retire_after.as_nanos() as u64,
     })));
     tasks.push(tokio::spawn(log_alerts(alert_rx)));
 
@@ -291,6 +294,25 @@ struct TableTask {
     log_cap: usize,
     watch_tx: broadcast::Sender<crate::decode::Transition>,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    /// A port idle this long gives its slot back.
+    port_retire_ns: u64,
+}
+
+/// Applies a batch to the table and hands every transition to the watchers: the one path by
+/// which transitions enter the table, so that watchers see all of them.
+fn apply_batch(
+    table: &mut Table,
+    watch_tx: &broadcast::Sender<crate::decode::Transition>,
+    batch: &Batch,
+) {
+    batch.iter().for_each(|t| table.apply(t));
+    // Only while someone watches: a broadcast send never blocks, and a watcher that falls
+    // behind loses its place, not ours.
+    if watch_tx.receiver_count() > 0 {
+        for t in batch.iter() {
+            let _ = watch_tx.send(*t);
+        }
+    }
 }
 
 async fn own_table(task: TableTask) {
@@ -303,27 +325,24 @@ async fn own_table(task: TableTask) {
         log_cap,
         watch_tx,
         ready,
+        port_retire_ns,
     } = task;
     let mut tick = tokio::time::interval(detector.thresholds().check_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             batch = batches.recv() => match batch {
-                Some(batch) => {
-                    batch.iter().for_each(|t| table.apply(t));
-                    // Only while someone watches: a broadcast send never blocks, and a watcher
-                    // that falls behind loses its place, not ours.
-                    if watch_tx.receiver_count() > 0 {
-                        for t in &batch {
-                            let _ = watch_tx.send(*t);
-                        }
-                    }
-                }
+                Some(batch) => apply_batch(&mut table, &watch_tx, &batch),
                 // The reader is gone: the agent is stopping.
                 None => break,
             },
             _ = tick.tick() => {
-                let happenings = detector.tick(&mut table, monotonic_ns());
+                let now = monotonic_ns();
+                let retired = table.retire_idle(now, port_retire_ns);
+                if retired > 0 {
+                    tracing::debug!(retired, "idle ports gave their slots back");
+                }
+                let happenings = detector.tick(&mut table, now);
                 if !happenings.is_empty() {
                     // Logging (and the owner lookup behind it) happens off this task.
                     let records = alerts::plan_logs(happenings, log_cap);
@@ -348,7 +367,7 @@ async fn own_table(task: TableTask) {
                 Request::Reconcile { dump, started_ns, fin_timeout } => {
                     // Events already read belong before the dump's result.
                     while let Ok(batch) = batches.try_recv() {
-                        batch.iter().for_each(|t| table.apply(t));
+                        apply_batch(&mut table, &watch_tx, &batch);
                     }
                     let c = table.reconcile(&dump.sockets, started_ns, monotonic_ns(), fin_timeout);
                     let runs = table.reconcile_totals().runs;
@@ -487,8 +506,65 @@ async fn reconcile_every(
 
 #[cfg(test)]
 mod tests {
-    use super::early_reconcile_gap;
+    use super::*;
     use std::time::Duration;
+    use tcpstate_common::TcpState;
+
+    /// Batches queued behind a reconciliation request are drained by it: every one of their
+    /// transitions must still reach the watchers.
+    #[tokio::test]
+    async fn watchers_get_the_transitions_a_reconciliation_drains() {
+        let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_QUEUE);
+        let (req_tx, req_rx) = mpsc::channel::<Request>(16);
+        let (alert_tx, _alert_rx) = mpsc::channel(64);
+        let (watch_tx, mut watch_rx) = broadcast::channel(WATCH_QUEUE);
+        // The request comes first and 20 batches wait behind it: whichever the task picks
+        // first, a reconciliation finds batches queued unless the coin falls 20 times alike.
+        let mut sent = 0;
+        req_tx
+            .send(Request::Reconcile {
+                dump: sockdiag::HostDump::default(),
+                started_ns: 0,
+                fin_timeout: Duration::from_secs(60),
+            })
+            .await
+            .unwrap();
+        for b in 0..20u64 {
+            let batch: Batch = (0..50u64)
+                .map(|i| crate::decode::Transition {
+                    ts_ns: 1 + b * 50 + i,
+                    sock: 0xffff_0000_0000_0000 + b * 50 + i,
+                    prev_state_ns: None,
+                    local: "127.0.0.1:0".parse().unwrap(),
+                    remote: "127.0.0.1:80".parse().unwrap(),
+                    old: TcpState::Close,
+                    new: TcpState::SynSent,
+                    netns: 0,
+                    pid: 1,
+                })
+                .collect();
+            sent += batch.len();
+            batch_tx.send(batch).await.unwrap();
+        }
+        drop(batch_tx);
+        let task = tokio::spawn(own_table(TableTask {
+            table: Table::new(16, crate::table::DEFAULT_EPHEMERAL),
+            detector: Detector::new(alerts::Thresholds::default()),
+            batches: batch_rx,
+            requests: req_rx,
+            alert_tx,
+            log_cap: 20,
+            watch_tx,
+            ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            port_retire_ns: u64::MAX,
+        }));
+        let mut seen = 0;
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), watch_rx.recv()).await {
+            seen += 1;
+        }
+        let _ = task.await;
+        assert_eq!(seen, sent, "watchers saw {seen} of {sent} transitions");
+    }
 
     #[test]
     fn an_early_reconciliation_waits_a_quarter_interval_between_one_and_five_seconds() {
