@@ -186,7 +186,6 @@ pub struct LingerAgg {
 pub struct LingerSnapshot {
     /// Sorted by (role, port, state).
     pub current: Vec<((Role, PortKey, TcpState), LingerAgg)>,
-    pub detected_total: Vec<((Role, PortKey, TcpState), u64)>,
     pub entries: Vec<Lingering>,
 }
 
@@ -194,7 +193,6 @@ pub struct LingerSnapshot {
 pub struct Detector {
     thresholds: Thresholds,
     set: FxHashMap<u64, Lingering>,
-    detected_total: FxHashMap<(Role, PortKey, TcpState), u64>,
 }
 
 impl Detector {
@@ -202,7 +200,6 @@ impl Detector {
         Detector {
             thresholds,
             set: FxHashMap::default(),
-            detected_total: FxHashMap::default(),
         }
     }
 
@@ -250,10 +247,6 @@ impl Detector {
                 continue;
             }
             conn.lingering = true;
-            *self
-                .detected_total
-                .entry((conn.role, conn.key, conn.state))
-                .or_default() += 1;
             let entry = Lingering {
                 sock,
                 conn: conn.clone(),
@@ -264,6 +257,14 @@ impl Detector {
                 entry,
                 age: Duration::from_nanos(age),
             });
+        }
+        // Counted on the port's aggregate, so that the counter retires with the port.
+        for h in &out {
+            if let Happening::Crossed { entry, .. } = h
+                && let Some(which) = LINGER_STATES.iter().position(|s| *s == entry.conn.state)
+            {
+                table.count_lingering(entry.conn.role, entry.conn.key, which);
+            }
         }
         out
     }
@@ -307,16 +308,9 @@ impl Detector {
         }
         let mut current: Vec<_> = current.into_iter().collect();
         current.sort_by_key(|(k, _)| *k);
-        let mut detected_total: Vec<_> =
-            self.detected_total.iter().map(|(k, v)| (*k, *v)).collect();
-        detected_total.sort_by_key(|(k, _)| *k);
         let mut entries: Vec<_> = self.set.values().cloned().collect();
         entries.sort_by_key(|e| e.conn.since_ns);
-        LingerSnapshot {
-            current,
-            detected_total,
-            entries,
-        }
+        LingerSnapshot { current, entries }
     }
 }
 
@@ -485,7 +479,12 @@ mod tests {
                 }
             )]
         );
-        assert_eq!(snap.detected_total[0].1, 1);
+        let port = t.stats(Role::Server, PortKey::Port(8080)).unwrap();
+        assert_eq!(
+            port.lingering_detected,
+            [1, 0],
+            "counted on the port's aggregate"
+        );
     }
 
     #[test]
@@ -536,7 +535,8 @@ mod tests {
         assert!(d.is_empty());
         assert!(d.snapshot(&[], 0).current.is_empty());
         // Counted as detected for good.
-        assert_eq!(d.snapshot(&[], 0).detected_total[0].1, 2);
+        let port = t.stats(Role::Server, PortKey::Port(80)).unwrap();
+        assert_eq!(port.lingering_detected, [2, 0]);
         // LAST_ACK is no lingering state: the first socket does not come back.
         assert!(d.tick(&mut t, 100 * S).is_empty());
     }

@@ -155,6 +155,24 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_reconcile)]
     pub reconcile_interval: Duration,
 
+    /// A service port that has held no socket and seen no transition for this long gives its
+    /// slot back: its series disappear (counters restart from 0 if it returns).
+    #[arg(long, value_name = "DURATION", default_value = config::DEFAULT_PORT_RETIRE_TEXT,
+          value_parser = parse_retire)]
+    pub port_retire_after: Duration,
+
+    /// Service ports per role with duration histograms of their own (the first to need one);
+    /// the others' durations are observed under port="other".
+    #[arg(long, value_name = "N", default_value_t = crate::table::DEFAULT_HISTOGRAM_PORTS as u32,
+          value_parser = clap::value_parser!(u32).range(0..=65536))]
+    pub histogram_ports: u32,
+
+    /// States whose time is observed in tcpstate_state_duration_seconds, comma-separated
+    /// (empty: none).
+    #[arg(long, value_name = "STATES", default_value = config::DEFAULT_DURATION_STATES_TEXT,
+          value_parser = parse_duration_states)]
+    pub duration_states: crate::table::StateSet,
+
     /// The local API's Unix socket (directory 0750, socket 0660, group `tcpstate` if it exists).
     #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET, env = "TCPSTATE_SOCKET")]
     pub socket: PathBuf,
@@ -193,6 +211,14 @@ fn parse_reconcile(s: &str) -> Result<Duration, String> {
     config::parse_duration("--reconcile-interval", s).map_err(|e| e.to_string())
 }
 
+fn parse_retire(s: &str) -> Result<Duration, String> {
+    config::parse_duration("--port-retire-after", s).map_err(|e| e.to_string())
+}
+
+fn parse_duration_states(s: &str) -> Result<crate::table::StateSet, String> {
+    config::parse_states("--duration-states", s).map_err(|e| e.to_string())
+}
+
 fn parse_ring(s: &str) -> Result<u32, String> {
     config::parse_ring_size(s).map_err(|e| e.to_string())
 }
@@ -210,6 +236,9 @@ impl AgentArgs {
             linger_log_cap: self.linger_log_cap,
             per_netns: self.per_netns,
             socket: self.socket.clone(),
+            port_retire_after: self.port_retire_after,
+            histogram_ports: self.histogram_ports,
+            duration_states: self.duration_states,
             thresholds: {
                 let base = Thresholds::default();
                 let both = self.linger_after;

@@ -27,6 +27,9 @@ pub struct FileConfig {
     pub linger_log_cap: Option<i64>,
     pub reconcile_interval: Option<String>,
     pub per_netns: Option<bool>,
+    pub port_retire_after: Option<String>,
+    pub histogram_ports: Option<i64>,
+    pub duration_states: Option<Vec<String>>,
     pub socket: Option<PathBuf>,
     pub tracefs: Option<PathBuf>,
     pub log_level: Option<String>,
@@ -207,6 +210,22 @@ pub fn apply(
     }
     if let (Some(v), true) = (fc.per_netns, take("per_netns")) {
         cfg.per_netns = v;
+    }
+    if let (Some(v), true) = (&fc.port_retire_after, take("port_retire_after")) {
+        cfg.port_retire_after = duration("port_retire_after", v)?;
+    }
+    if let (Some(v), true) = (fc.histogram_ports, take("histogram_ports")) {
+        if !(0..=65_536).contains(&v) {
+            return Err(err(
+                "histogram_ports",
+                format!("{v} is not between 0 and 65536"),
+            ));
+        }
+        cfg.histogram_ports = v as u32;
+    }
+    if let (Some(v), true) = (&fc.duration_states, take("duration_states")) {
+        cfg.duration_states = config::parse_states("duration_states", &v.join(","))
+            .map_err(|e| err("duration_states", strip_key(&e.to_string())))?;
     }
     if let (Some(v), true) = (&fc.socket, take("socket")) {
         cfg.socket = v.clone();

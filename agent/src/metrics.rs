@@ -6,9 +6,11 @@ use prometheus::proto::{
 use prometheus::{Encoder, Registry, TextEncoder};
 use tcpstate_common::TcpState;
 
+use rustc_hash::FxHashMap;
+
 use crate::alerts::LINGER_STATES;
 use crate::http::View;
-use crate::table::{BUCKETS_SECONDS, Hist};
+use crate::table::{BUCKETS_SECONDS, Hist, Role, STATES};
 
 /// Everything one scrape shows.
 #[derive(Clone, Debug, Default)]
@@ -51,7 +53,7 @@ pub fn render(registry: &Registry, sources: &Sources) -> String {
 pub fn families(s: &Sources) -> Vec<MetricFamily> {
     let mut connections = family(
         "tcpstate_connections",
-        "TCP sockets currently in each state, per service port and role (every state, 0 included).",
+        "TCP sockets currently in each state, per service port and role (every state the port has held since it got its slot, 0 included).",
         MetricType::GAUGE,
     );
     let mut transitions = family(
@@ -61,23 +63,17 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
     );
     let mut state_durations = family(
         "tcpstate_state_duration_seconds",
-        "Time TCP sockets spent in a state, observed when they left it.",
+        "Time TCP sockets spent in a state, observed when they left it (port=\"other\" gathers the ports without histograms of their own).",
         MetricType::HISTOGRAM,
     );
     let mut lifetimes = family(
         "tcpstate_connection_duration_seconds",
-        "Lifetime of TCP connections from open to close (only connections whose open the agent saw).",
+        "Lifetime of TCP connections from open to close (only connections whose open the agent saw; port=\"other\" gathers the ports without histograms of their own).",
         MetricType::HISTOGRAM,
-    );
-
-    let mut seeded = family(
-        "tcpstate_seeded_connections",
-        "Of tcpstate_connections, those known from a sock_diag dump rather than their transitions: their age in state is a lower bound.",
-        MetricType::GAUGE,
     );
     let mut lingering = family(
         "tcpstate_lingering_connections",
-        "Connections in close_wait or fin_wait2 for longer than that state's threshold.",
+        "Connections in close_wait or fin_wait2 for longer than that state's threshold (ports that have had one).",
         MetricType::GAUGE,
     );
     let mut oldest = family(
@@ -90,7 +86,8 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
         "Connections that crossed their state's linger threshold.",
         MetricType::COUNTER,
     );
-    let linger = &s.view.linger;
+    let linger: FxHashMap<_, _> = s.view.linger.current.iter().copied().collect();
+    let mut seeded_totals = [[0u64; STATES]; 2];
 
     for (role, key, stats) in &s.view.table.ports {
         let port = key.label();
@@ -98,17 +95,17 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
         let ns = netns.as_deref();
         let role_key = role;
         let role = role.label();
-        for state in TcpState::ALL {
+        for state in stats.seen.states() {
             connections.mut_metric().push(gauge(
                 &port_labels(&port, role, ns, &[("state", state.label())]),
                 stats.current[state.index()] as f64,
             ));
         }
-        for state in TcpState::ALL {
-            seeded.mut_metric().push(gauge(
-                &port_labels(&port, role, ns, &[("state", state.label())]),
-                stats.seeded[state.index()] as f64,
-            ));
+        for (total, n) in seeded_totals[*role_key as usize]
+            .iter_mut()
+            .zip(stats.seeded)
+        {
+            *total += n;
         }
         for from in TcpState::ALL {
             for to in TcpState::ALL {
@@ -141,14 +138,16 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
                 &stats.lifetimes,
             ));
         }
-        for state in LINGER_STATES {
-            let k = (*role_key, *key, state);
+        for (which, state) in LINGER_STATES.into_iter().enumerate() {
             let agg = linger
-                .current
-                .iter()
-                .find(|(lk, _)| *lk == k)
-                .map(|(_, a)| *a)
+                .get(&(*role_key, *key, state))
+                .copied()
                 .unwrap_or_default();
+            let n = stats.lingering_detected[which];
+            // Only ports that have had a lingering connection: then 0 until the port retires.
+            if n == 0 && agg.count == 0 {
+                continue;
+            }
             let labels = port_labels(&port, role, ns, &[("state", state.label())]);
             lingering
                 .mut_metric()
@@ -159,13 +158,52 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
                 0.0
             };
             oldest.mut_metric().push(gauge(&labels, age));
-            let n = linger
-                .detected_total
-                .iter()
-                .find(|(lk, _)| *lk == k)
-                .map_or(0, |(_, n)| *n);
             detected.mut_metric().push(counter(&labels, n as f64));
         }
+    }
+
+    let mut seeded = family(
+        "tcpstate_seeded_connections",
+        "Of tcpstate_connections, those known from a sock_diag dump rather than their transitions, per role and state: their age in state is a lower bound.",
+        MetricType::GAUGE,
+    );
+    for role in Role::ALL {
+        for state in TcpState::ALL {
+            seeded.mut_metric().push(gauge(
+                &[("role", role.label()), ("state", state.label())],
+                seeded_totals[role as usize][state.index()] as f64,
+            ));
+        }
+    }
+    let mut tracked_ports = family(
+        "tcpstate_tracked_ports",
+        "Service ports with series of their own, per role (at most tcpstate_max_ports; the rest are counted under port=\"other\").",
+        MetricType::GAUGE,
+    );
+    for role in Role::ALL {
+        tracked_ports.mut_metric().push(gauge(
+            &[("role", role.label())],
+            s.view.table.ports_tracked[role as usize] as f64,
+        ));
+    }
+    let mut max_ports = family(
+        "tcpstate_max_ports",
+        "The port budget per role (--max-ports).",
+        MetricType::GAUGE,
+    );
+    max_ports
+        .mut_metric()
+        .push(gauge(&[], s.view.table.max_ports as f64));
+    let mut freed = family(
+        "tcpstate_port_slots_freed_total",
+        "Port slots given back: reason=idle (no socket and no transition for --port-retire-after), reason=evicted (a port without connections made room for a port that matters).",
+        MetricType::COUNTER,
+    );
+    let c = s.view.table.counters;
+    for (reason, n) in [("idle", c.ports_retired), ("evicted", c.ports_evicted)] {
+        freed
+            .mut_metric()
+            .push(counter(&[("reason", reason)], n as f64));
     }
 
     let mut thresholds = family(
@@ -229,7 +267,6 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
         "Transitions that did not follow from the table's state: kind=state_mismatch and kind=stale_socket mean events were lost, kind=first_seen_midlife counts sockets opened before the agent saw them.",
         MetricType::COUNTER,
     );
-    let c = s.view.table.counters;
     for (kind, n) in [
         ("state_mismatch", c.state_mismatches),
         ("stale_socket", c.stale_replaced),
@@ -289,6 +326,9 @@ pub fn families(s: &Sources) -> Vec<MetricFamily> {
         state_durations,
         lifetimes,
         seeded,
+        tracked_ports,
+        max_ports,
+        freed,
         lingering,
         oldest,
         detected,
@@ -419,15 +459,37 @@ mod tests {
     }
 
     #[test]
-    fn renders_every_state_and_the_counters() {
+    fn renders_the_states_a_port_has_held_and_the_counters() {
         let text = render(&Registry::new(), &sources());
-        for state in TcpState::ALL {
+        // Held: syn_sent (now 0: the drop to zero is shown), established (0), fin_wait1.
+        for (state, n) in [("syn_sent", 0), ("established", 0), ("fin_wait1", 1)] {
             let line = format!(
-                "tcpstate_connections{{port=\"8080\",role=\"client\",state=\"{}\"}}",
-                state.label()
+                "tcpstate_connections{{port=\"8080\",role=\"client\",state=\"{state}\"}} {n}\n"
             );
             assert!(text.contains(&line), "missing {line} in\n{text}");
         }
+        // Never held: no series.
+        assert!(
+            !text.contains(
+                "tcpstate_connections{port=\"8080\",role=\"client\",state=\"close_wait\"}"
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("tcpstate_connections{"))
+                .count(),
+            3
+        );
+        // Seeded counts are per role and state, without a port.
+        assert!(
+            text.contains("tcpstate_seeded_connections{role=\"client\",state=\"established\"} 0\n")
+        );
+        assert!(!text.contains("tcpstate_seeded_connections{port="));
+        // The port never lingered: no lingering series for it.
+        assert!(!text.contains("tcpstate_lingering_connections{"), "{text}");
+        assert!(text.contains("tcpstate_tracked_ports{role=\"client\"} 1\n"));
+        assert!(text.contains("tcpstate_max_ports 16\n"));
         assert!(text.contains(
             "tcpstate_connections{port=\"8080\",role=\"client\",state=\"fin_wait1\"} 1\n"
         ));
@@ -449,7 +511,7 @@ mod tests {
             text.contains(&format!("{prefix},le=\"0.25\"}} 0\n")),
             "{text}"
         );
-        assert!(text.contains(&format!("{prefix},le=\"0.5\"}} 1\n")));
+        assert!(text.contains(&format!("{prefix},le=\"1\"}} 1\n")));
         assert!(text.contains(&format!("{prefix},le=\"3600\"}} 1\n")));
         assert!(text.contains(&format!("{prefix},le=\"+Inf\"}} 1\n")));
         assert!(text.contains(

@@ -6,16 +6,32 @@
 //!   port is the remote port. The local port is still 0 in that event.
 //! - `LISTEN -> SYN_RECV` is a passive open: the kernel clones the listener into a new socket,
 //!   so the event's old state is the listener's. A `server` connection whose service port is the
-//!   local port. The remote port is still 0 in that event.
+//!   local port. Older kernels report the remote port as 0 there; 6.18 carries the whole tuple.
 //! - `CLOSE -> LISTEN` is a listening socket, `server` on its own port.
+//!
+//! Sockets first seen without their open (mid-life events, sock_diag dumps) get their role from
+//! one rule, [`role_of`].
 //!
 //! The 4-tuple is trusted from `-> ESTABLISHED` on (later events overwrite it). `skaddr` values
 //! are reused after free, so an entry is forgotten at `-> CLOSE`, and an open transition for an
 //! address still in the table replaces the stale entry.
+//!
+//! ## What a port costs
+//!
+//! Each (service port, role) with its own series holds a slot of the port budget
+//! (`max_ports` per role). A slot is given back when the port has held no socket and seen no
+//! transition for the retirement time ([`Table::retire_idle`]); its series then disappear. When
+//! the budget is full, a port that matters (a listener, an opening or established connection)
+//! takes the slot of a port that holds no connection at all (only `TIME_WAIT`/orphans counted
+//! from a dump, or nothing); ports with live connections are never evicted. Duration
+//! histograms are kept per port only for the first `histogram_ports` ports per role to need
+//! one, and only for the states in `duration_states`; the rest are observed into the role's
+//! `other` histograms at once, so that every exported counter only grows.
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
 use tcpstate_common::TcpState;
 
 use crate::decode::Transition;
@@ -28,6 +44,57 @@ fn complete(c: &Conn) -> bool {
 
 /// Number of state slots (`TcpState::index` is 0..12).
 pub const STATES: usize = 12;
+
+/// A set of states, one bit per [`TcpState::index`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateSet(u16);
+
+impl StateSet {
+    pub const fn of(states: &[TcpState]) -> StateSet {
+        let mut bits = 0u16;
+        let mut i = 0;
+        while i < states.len() {
+            bits |= 1 << states[i].index();
+            i += 1;
+        }
+        StateSet(bits)
+    }
+
+    pub fn contains(self, s: TcpState) -> bool {
+        self.0 & (1 << s.index()) != 0
+    }
+
+    pub fn insert(&mut self, s: TcpState) {
+        self.0 |= 1 << s.index();
+    }
+
+    pub fn states(self) -> impl Iterator<Item = TcpState> {
+        TcpState::ALL.into_iter().filter(move |s| self.contains(*s))
+    }
+}
+
+/// The states whose durations get histograms by default: connect (`syn_sent`), accept
+/// (`syn_recv`), the connection's useful life (`established`), and the ends operators chase
+/// (`close_wait`, `fin_wait2`, `last_ack`).
+pub const DEFAULT_DURATION_STATES: StateSet = StateSet::of(&[
+    TcpState::SynSent,
+    TcpState::SynRecv,
+    TcpState::Established,
+    TcpState::CloseWait,
+    TcpState::FinWait2,
+    TcpState::LastAck,
+]);
+
+/// Ports per role with duration histograms of their own, by default.
+pub const DEFAULT_HISTOGRAM_PORTS: usize = 16;
+
+/// States that make a port worth a slot: it listens, or has connections opening or open.
+const MATTERS: StateSet = StateSet::of(&[
+    TcpState::Listen,
+    TcpState::SynSent,
+    TcpState::SynRecv,
+    TcpState::Established,
+]);
 
 /// Which end of the connection this host is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,17 +146,30 @@ impl PortKey {
             _ => None,
         }
     }
+
+    /// The `other` bucket of the same namespace.
+    fn other(self) -> PortKey {
+        match self {
+            PortKey::NsPort(n, _) | PortKey::NsOther(n) => PortKey::NsOther(n),
+            _ => PortKey::Other,
+        }
+    }
+
+    fn is_other(self) -> bool {
+        matches!(self, PortKey::Other | PortKey::NsOther(_))
+    }
 }
 
-/// Histogram bucket upper bounds in seconds: 100 µs to 1 h.
-pub const BUCKETS_SECONDS: [f64; 18] = [
-    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
-    600.0, 1800.0, 3600.0,
+/// Histogram bucket upper bounds in seconds: 100 µs to 1 h, about a decade apart, with 0.25 s
+/// (a slow connect or accept) and 60 s (the default linger threshold and `tcp_fin_timeout`).
+pub const BUCKETS_SECONDS: [f64; BUCKETS] = [
+    0.0001, 0.001, 0.01, 0.1, 0.25, 1.0, 10.0, 60.0, 300.0, 3600.0,
 ];
-const BUCKETS_NS: [u64; 18] = {
-    let mut out = [0u64; 18];
+pub const BUCKETS: usize = 10;
+const BUCKETS_NS: [u64; BUCKETS] = {
+    let mut out = [0u64; BUCKETS];
     let mut i = 0;
-    while i < 18 {
+    while i < BUCKETS {
         out[i] = (BUCKETS_SECONDS[i] * 1e9) as u64;
         i += 1;
     }
@@ -100,7 +180,7 @@ const BUCKETS_NS: [u64; 18] = {
 /// bucket is `count`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Hist {
-    pub buckets: [u64; 18],
+    pub buckets: [u64; BUCKETS],
     pub count: u64,
     pub sum_seconds: f64,
 }
@@ -116,7 +196,7 @@ impl Hist {
     }
 
     /// Cumulative counts per bucket, as Prometheus wants them.
-    pub fn cumulative(&self) -> [u64; 18] {
+    pub fn cumulative(&self) -> [u64; BUCKETS] {
         let mut out = self.buckets;
         for i in 1..out.len() {
             out[i] += out[i - 1];
@@ -130,8 +210,14 @@ impl Hist {
 pub struct PortStats {
     /// Connections currently in each state.
     pub current: [u64; STATES],
+    /// The states this port has held since it got its slot: their gauges are exported, 0
+    /// included, until the port retires.
+    pub seen: StateSet,
     /// Transitions `[from][to]`.
     pub transitions: [[u64; STATES]; STATES],
+    /// Whether the histograms below are this port's own (else they stay empty and its
+    /// durations go to the role's `other`, whose histograms are always on).
+    pub histograms: bool,
     /// Time spent in each state, observed when the state is left.
     pub state_durations: [Hist; STATES],
     /// Whole connection lifetimes, open to `CLOSE` (listeners excluded; only connections whose
@@ -139,6 +225,37 @@ pub struct PortStats {
     pub lifetimes: Hist,
     /// Of `current`, those seeded from a sock_diag dump whose time in state is a lower bound.
     pub seeded: [u64; STATES],
+    /// Connections that crossed the linger threshold, per [`crate::alerts::LINGER_STATES`].
+    pub lingering_detected: [u64; 2],
+    /// CLOCK_MONOTONIC ns of the last transition or dump that found a socket on this port.
+    pub last_active_ns: u64,
+}
+
+impl PortStats {
+    fn add(&mut self, state: TcpState, seeded: bool) {
+        self.current[state.index()] += 1;
+        self.seen.insert(state);
+        if seeded {
+            self.seeded[state.index()] += 1;
+        }
+    }
+
+    fn remove(&mut self, state: TcpState, seeded: bool) {
+        let slot = &mut self.current[state.index()];
+        *slot = slot.saturating_sub(1);
+        if seeded {
+            let slot = &mut self.seeded[state.index()];
+            *slot = slot.saturating_sub(1);
+        }
+    }
+
+    fn holds_nothing(&self) -> bool {
+        self.current.iter().all(|&n| n == 0)
+    }
+
+    fn matters(&self) -> bool {
+        MATTERS.states().any(|s| self.current[s.index()] > 0)
+    }
 }
 
 /// One live socket.
@@ -146,28 +263,28 @@ pub struct PortStats {
 pub struct Conn {
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    pub role: Role,
-    /// The service port (local for servers, remote for clients).
-    pub service_port: u16,
-    /// Where it is counted (the service port, or `other` beyond the limit).
-    pub key: PortKey,
-    pub state: TcpState,
     /// CLOCK_MONOTONIC ns when it entered `state`.
     pub since_ns: u64,
-    /// When it was opened, if the agent saw the open.
-    pub opened_ns: Option<u64>,
-    pub listener: bool,
+    /// When it was opened, if the agent saw the open (0: it did not).
+    pub opened_ns: u64,
+    /// Where it is counted (the service port, or `other` beyond the limit).
+    pub key: PortKey,
     pub netns: u32,
     /// The task that opened it (meaningful for active opens only), 0 when unknown.
     pub pid: u32,
+    /// Socket inode from sock_diag (0 until a dump matched it): the key to its owner.
+    pub inode: u32,
+    /// The service port (local for servers, remote for clients).
+    pub service_port: u16,
+    pub role: Role,
+    pub state: TcpState,
+    pub listener: bool,
     /// Set by the linger detector once the socket stayed too long in its state; the table then
     /// reports how it leaves (see [`Table::take_departures`]).
     pub lingering: bool,
     /// Known from a sock_diag dump, not from its transitions: `since_ns` is when the agent first
     /// saw it in this state, a lower bound of its time there.
     pub seeded: bool,
-    /// Socket inode from sock_diag (0 until a dump matched it): the key to its owner.
-    pub inode: u32,
 }
 
 /// What one reconciliation corrected.
@@ -198,8 +315,47 @@ const SYNTHETIC_LIMIT: u64 = 1 << 47;
 /// back from that dump.
 const RECENT_CLOSES: usize = 65_536;
 
+/// After a search for an evictable port found none, the next waits this long (event time), so
+/// that a full budget costs nothing per event.
+const EVICT_RETRY_NS: u64 = 1_000_000_000;
+
 /// (network namespace, local, remote); the namespace is 0 when events do not carry it.
 type Tuple = (u32, SocketAddr, SocketAddr);
+
+/// A 64-bit digest of a tuple: what reconciliation sorts and remembers, instead of the
+/// 68-byte tuple (matches are confirmed on the whole tuple).
+fn digest(t: &Tuple) -> u64 {
+    let mut h = FxHasher::default();
+    t.hash(&mut h);
+    h.finish()
+}
+
+/// Role and service port of a socket first seen without its open (a mid-life event or a
+/// sock_diag dump), by one rule: a local port with a listener in the socket's namespace makes
+/// it a server; otherwise the end in the ephemeral range (`ip_local_port_range`) is the
+/// client's; otherwise the lower port is the service.
+pub fn role_of(
+    local_listens: bool,
+    local: u16,
+    remote: u16,
+    ephemeral: &RangeInclusive<u16>,
+) -> (Role, u16) {
+    let eph = |p| ephemeral.contains(&p);
+    let server = if local_listens {
+        true
+    } else if eph(local) != eph(remote) {
+        // Exactly one end is ephemeral: that one is the client.
+        eph(remote)
+    } else {
+        // No better clue: the lower port is the service.
+        local <= remote
+    };
+    if server {
+        (Role::Server, local)
+    } else {
+        (Role::Client, remote)
+    }
+}
 
 /// A lingering socket left its state: how, and what it was.
 #[derive(Clone, Debug, PartialEq)]
@@ -224,6 +380,10 @@ pub struct TableCounters {
     /// Sockets first seen in the middle of their life (opened before the agent started, or
     /// their open was lost); their role is inferred.
     pub first_seen_midlife: u64,
+    /// Ports that gave their slot back after being idle.
+    pub ports_retired: u64,
+    /// Ports without connections whose slot went to a port that matters.
+    pub ports_evicted: u64,
 }
 
 /// A consistent copy of the aggregates, for the metrics endpoint.
@@ -234,21 +394,31 @@ pub struct Snapshot {
     pub tracked_sockets: usize,
     pub counters: TableCounters,
     pub reconcile: ReconcileTotals,
+    /// Ports with a slot, per role (`other` not included), and the budget.
+    pub ports_tracked: [usize; 2],
+    pub max_ports: usize,
 }
 
 /// The connection table.
 pub struct Table {
     conns: FxHashMap<u64, Conn>,
     stats: FxHashMap<(Role, PortKey), Box<PortStats>>,
-    tracked_ports: [FxHashSet<(u32, u16)>; 2],
+    /// Ports holding a slot, per role.
+    slots: [usize; 2],
+    /// Ports with histograms of their own, per role.
+    hist_slots: [usize; 2],
+    max_ports: usize,
+    max_hist_ports: usize,
+    duration_states: StateSet,
     /// Aggregate per network namespace (`--per-netns`).
     per_netns: bool,
     /// Events carry the socket's namespace (the BTF offsets were found): match on it.
     netns_in_events: bool,
-    max_ports: usize,
     overflow_reported: [bool; 2],
-    /// Local ports with a listening socket, and how many.
-    listening: FxHashMap<u16, u32>,
+    /// When the last search for an evictable port of each role found none (event time).
+    evict_failed_ns: [Option<u64>; 2],
+    /// (namespace, local port) with a listening socket, and how many.
+    listening: FxHashMap<(u32, u16), u32>,
     /// `net.ipv4.ip_local_port_range`, to infer the role of sockets first seen mid-life.
     ephemeral: RangeInclusive<u16>,
     counters: TableCounters,
@@ -256,7 +426,8 @@ pub struct Table {
     /// Seeded sockets by 4-tuple, to adopt them when their real socket's events arrive.
     seeded_by_tuple: FxHashMap<Tuple, Vec<u64>>,
     next_synthetic: u64,
-    recent_closes: std::collections::VecDeque<(Tuple, u64)>,
+    /// Digests of the tuples of recent closes, with when.
+    recent_closes: std::collections::VecDeque<(u64, u64)>,
     /// Timewait sockets from the last dump, per (role, port): `[TIME_WAIT, FIN_WAIT2]`.
     timewait: FxHashMap<(Role, PortKey), [u64; 2]>,
     /// Orphaned FIN_WAIT2 (timewait) sockets from the last dump: when they entered the state.
@@ -267,17 +438,27 @@ pub struct Table {
 /// The kernel's default `net.ipv4.ip_local_port_range`.
 pub const DEFAULT_EPHEMERAL: RangeInclusive<u16> = 32768..=60999;
 
+/// A state's duration or a lifetime to observe once the borrows of `apply` are released.
+enum Observe {
+    State(TcpState, u64),
+    Lifetime(u64),
+}
+
 impl Table {
     /// A table tracking at most `max_ports` distinct service ports per role.
     pub fn new(max_ports: usize, ephemeral: RangeInclusive<u16>) -> Self {
         Table {
             conns: FxHashMap::default(),
             stats: FxHashMap::default(),
-            tracked_ports: [FxHashSet::default(), FxHashSet::default()],
+            slots: [0; 2],
+            hist_slots: [0; 2],
             max_ports,
+            max_hist_ports: DEFAULT_HISTOGRAM_PORTS,
+            duration_states: DEFAULT_DURATION_STATES,
             per_netns: false,
             netns_in_events: false,
             overflow_reported: [false; 2],
+            evict_failed_ns: [None; 2],
             listening: FxHashMap::default(),
             ephemeral,
             counters: TableCounters::default(),
@@ -303,8 +484,25 @@ impl Table {
         self
     }
 
+    /// Ports per role with duration histograms of their own.
+    pub fn histogram_ports(mut self, n: usize) -> Self {
+        self.max_hist_ports = n;
+        self
+    }
+
+    /// The states whose durations are observed.
+    pub fn duration_states(mut self, states: StateSet) -> Self {
+        self.duration_states = states;
+        self
+    }
+
+    /// The namespace as the table keys it: 0 when events do not carry it.
+    fn ns(&self, netns: u32) -> u32 {
+        if self.netns_in_events { netns } else { 0 }
+    }
+
     fn tuple(&self, netns: u32, local: SocketAddr, remote: SocketAddr) -> Tuple {
-        (if self.netns_in_events { netns } else { 0 }, local, remote)
+        (self.ns(netns), local, remote)
     }
 
     pub fn len(&self) -> usize {
@@ -339,6 +537,14 @@ impl Table {
 
     pub fn stats(&self, role: Role, key: PortKey) -> Option<&PortStats> {
         self.stats.get(&(role, key)).map(|b| &**b)
+    }
+
+    /// Counts a crossing of the linger threshold on a port (`which` indexes
+    /// [`crate::alerts::LINGER_STATES`]).
+    pub fn count_lingering(&mut self, role: Role, key: PortKey, which: usize) {
+        if let Some(s) = self.stats.get_mut(&(role, key)) {
+            s.lingering_detected[which] += 1;
+        }
     }
 
     /// Applies one transition.
@@ -376,104 +582,135 @@ impl Table {
             }
         }
 
-        if let Some(conn) = self.conns.get_mut(&t.sock) {
-            let stats = self
-                .stats
-                .get_mut(&(conn.role, conn.key))
-                .expect("every tracked connection has its aggregate");
-            if conn.state != t.old {
-                self.counters.state_mismatches += 1;
-            }
-            if t.old == t.new && conn.state == t.new {
-                // A self-transition: close() of a socket already in FIN_WAIT2 sets the state
-                // again. A transition the kernel made, but the socket stays where it was: no
-                // duration, no new entry time, and a lingering socket goes on lingering.
-                stats.transitions[t.old.index()][t.new.index()] += 1;
-                return;
-            }
-            if conn.lingering {
-                // Only sockets already lingering pay for this, once.
-                self.departures.push(Departure {
-                    sock: t.sock,
-                    conn: conn.clone(),
-                    to: t.new,
-                    ts_ns: t.ts_ns,
-                });
-                conn.lingering = false;
-            }
-            let slot = &mut stats.current[conn.state.index()];
-            *slot = slot.saturating_sub(1);
-            if conn.seeded {
-                // From here on the time in state is exact.
-                let slot = &mut stats.seeded[conn.state.index()];
-                *slot = slot.saturating_sub(1);
-                conn.seeded = false;
-            }
+        if self.conns.contains_key(&t.sock) {
+            self.apply_known(t);
+        } else {
+            self.apply_new(t, open);
+        }
+    }
+
+    /// A transition of a socket in the table.
+    fn apply_known(&mut self, t: &Transition) {
+        let conn = self.conns.get_mut(&t.sock).expect("checked");
+        let stats = self
+            .stats
+            .get_mut(&(conn.role, conn.key))
+            .expect("every tracked connection has its aggregate");
+        stats.last_active_ns = stats.last_active_ns.max(t.ts_ns);
+        if conn.state != t.old {
+            self.counters.state_mismatches += 1;
+        }
+        if t.old == t.new && conn.state == t.new {
+            // A self-transition: close() of a socket already in FIN_WAIT2 sets the state
+            // again. A transition the kernel made, but the socket stays where it was: no
+            // duration, no new entry time, and a lingering socket goes on lingering.
             stats.transitions[t.old.index()][t.new.index()] += 1;
-            // The program's own clock is authoritative; fall back to ours if its entry was
-            // evicted, but only when we know the socket was in that state.
-            let spent = t
-                .prev_state_ns
-                .or_else(|| (conn.state == t.old).then(|| t.ts_ns.saturating_sub(conn.since_ns)));
-            if let Some(ns) = spent {
-                stats.state_durations[t.old.index()].observe_ns(ns);
-            }
-            if t.new == Close {
-                if let (Some(opened), false) = (conn.opened_ns, conn.listener) {
-                    stats.lifetimes.observe_ns(t.ts_ns.saturating_sub(opened));
-                }
-                let conn = self.conns.remove(&t.sock).expect("present");
-                if conn.listener {
-                    self.unlisten(conn.local.port());
-                }
-                if self.recent_closes.len() == RECENT_CLOSES {
-                    self.recent_closes.pop_front();
-                }
-                let tuple = self.tuple(conn.netns, conn.local, conn.remote);
-                self.recent_closes.push_back((tuple, t.ts_ns));
-                return;
-            }
-            stats.current[t.new.index()] += 1;
-            conn.state = t.new;
-            conn.since_ns = t.ts_ns;
-            // Half-built tuples (port 0) appear in the open events; keep what we know.
-            let was_complete = complete(conn);
-            if t.local.port() != 0 {
-                conn.local = t.local;
-            }
-            if t.remote.port() != 0 {
-                conn.remote = t.remote;
-            }
-            if !was_complete && complete(conn) {
-                let (netns, local, remote) = (conn.netns, conn.local, conn.remote);
-                let tuple = self.tuple(netns, local, remote);
-                self.drop_seeded_twin(&tuple);
-            }
             return;
         }
+        if conn.lingering {
+            // Only sockets already lingering pay for this, once.
+            self.departures.push(Departure {
+                sock: t.sock,
+                conn: conn.clone(),
+                to: t.new,
+                ts_ns: t.ts_ns,
+            });
+            conn.lingering = false;
+        }
+        // From here on the time in state is exact.
+        stats.remove(conn.state, conn.seeded);
+        conn.seeded = false;
+        stats.transitions[t.old.index()][t.new.index()] += 1;
+        // The program's own clock is authoritative; fall back to ours if its entry was
+        // evicted, but only when we know the socket was in that state.
+        let spent = t
+            .prev_state_ns
+            .or_else(|| (conn.state == t.old).then(|| t.ts_ns.saturating_sub(conn.since_ns)));
+        let (role, key) = (conn.role, conn.key);
+        if let Some(ns) = spent {
+            self.observe(role, key, Observe::State(t.old, ns));
+        }
+        if t.new == TcpState::Close {
+            let conn = self.conns.remove(&t.sock).expect("present");
+            if conn.opened_ns != 0 && !conn.listener {
+                self.observe(
+                    role,
+                    key,
+                    Observe::Lifetime(t.ts_ns.saturating_sub(conn.opened_ns)),
+                );
+            }
+            if conn.listener {
+                self.unlisten(conn.netns, conn.local.port());
+            }
+            if self.recent_closes.len() == RECENT_CLOSES {
+                self.recent_closes.pop_front();
+            }
+            let tuple = self.tuple(conn.netns, conn.local, conn.remote);
+            self.recent_closes.push_back((digest(&tuple), t.ts_ns));
+            return;
+        }
+        let conn = self.conns.get_mut(&t.sock).expect("present");
+        self.stats
+            .get_mut(&(role, key))
+            .expect("aggregate")
+            .add(t.new, false);
+        conn.state = t.new;
+        conn.since_ns = t.ts_ns;
+        // Half-built tuples (port 0) appear in the open events; keep what we know.
+        let was_complete = complete(conn);
+        if t.local.port() != 0 {
+            conn.local = t.local;
+        }
+        if t.remote.port() != 0 {
+            conn.remote = t.remote;
+        }
+        if !was_complete && complete(conn) {
+            let (netns, local, remote) = (conn.netns, conn.local, conn.remote);
+            let tuple = self.tuple(netns, local, remote);
+            self.drop_seeded_twin(&tuple);
+        }
+    }
 
+    /// The first transition of a socket not in the table: an open, or a mid-life sighting.
+    fn apply_new(&mut self, t: &Transition, open: Option<(Role, u16, bool)>) {
         let (role, service_port, listener) = match open {
             Some(o) => o,
             None => {
                 self.counters.first_seen_midlife += 1;
-                let (role, port) = self.infer_role(t.local.port(), t.remote.port());
-                (role, port, t.new == Listen)
+                let listens = self
+                    .listening
+                    .contains_key(&(self.ns(t.netns), t.local.port()));
+                let (role, port) = role_of(
+                    listens || t.new == TcpState::Listen,
+                    t.local.port(),
+                    t.remote.port(),
+                    &self.ephemeral,
+                );
+                (role, port, t.new == TcpState::Listen)
             }
         };
-        let key = self.port_key(role, t.netns, service_port);
+        let matters = MATTERS.contains(t.new);
+        let key = self.port_key(role, t.netns, service_port, matters, t.ts_ns);
         let stats = self.stats.entry((role, key)).or_default();
+        stats.last_active_ns = stats.last_active_ns.max(t.ts_ns);
         stats.transitions[t.old.index()][t.new.index()] += 1;
         if open.is_none()
             && let Some(ns) = t.prev_state_ns
         {
-            stats.state_durations[t.old.index()].observe_ns(ns);
+            self.observe(role, key, Observe::State(t.old, ns));
         }
-        if t.new == Close {
+        if t.new == TcpState::Close {
             return;
         }
-        stats.current[t.new.index()] += 1;
+        self.stats
+            .get_mut(&(role, key))
+            .expect("just made")
+            .add(t.new, false);
         if listener {
-            *self.listening.entry(t.local.port()).or_default() += 1;
+            *self
+                .listening
+                .entry((self.ns(t.netns), t.local.port()))
+                .or_default() += 1;
         }
         let conn = Conn {
             local: t.local,
@@ -483,7 +720,7 @@ impl Table {
             key,
             state: t.new,
             since_ns: t.ts_ns,
-            opened_ns: open.map(|_| t.ts_ns),
+            opened_ns: if open.is_some() { t.ts_ns.max(1) } else { 0 },
             listener,
             netns: t.netns,
             pid: if role == Role::Client { t.pid } else { 0 },
@@ -498,6 +735,31 @@ impl Table {
             self.drop_seeded_twin(&tuple);
         }
         self.conns.insert(t.sock, conn);
+    }
+
+    /// Observes a duration into the port's own histograms when it has (or can get) them, else
+    /// into its role's `other`. States outside `duration_states` are not observed.
+    fn observe(&mut self, role: Role, key: PortKey, what: Observe) {
+        if let Observe::State(state, _) = what
+            && !self.duration_states.contains(state)
+        {
+            return;
+        }
+        let own = match self.stats.get_mut(&(role, key)) {
+            Some(s) if s.histograms || key.is_other() => true,
+            Some(s) if self.hist_slots[role.idx()] < self.max_hist_ports => {
+                s.histograms = true;
+                self.hist_slots[role.idx()] += 1;
+                true
+            }
+            _ => false,
+        };
+        let target = if own { key } else { key.other() };
+        let stats = self.stats.entry((role, target)).or_default();
+        match what {
+            Observe::State(state, ns) => stats.state_durations[state.index()].observe_ns(ns),
+            Observe::Lifetime(ns) => stats.lifetimes.observe_ns(ns),
+        }
     }
 
     /// A dump that ran while a socket opened may have added it already, before the socket's own
@@ -531,21 +793,18 @@ impl Table {
             tracked_sockets: self.conns.len(),
             counters: self.counters,
             reconcile: self.reconcile,
+            ports_tracked: self.slots,
+            max_ports: self.max_ports,
         }
     }
 
     /// Removes a connection's contribution to the current counts.
     fn forget(&mut self, conn: &Conn) {
         if let Some(stats) = self.stats.get_mut(&(conn.role, conn.key)) {
-            let slot = &mut stats.current[conn.state.index()];
-            *slot = slot.saturating_sub(1);
-            if conn.seeded {
-                let slot = &mut stats.seeded[conn.state.index()];
-                *slot = slot.saturating_sub(1);
-            }
+            stats.remove(conn.state, conn.seeded);
         }
         if conn.listener {
-            self.unlisten(conn.local.port());
+            self.unlisten(conn.netns, conn.local.port());
         }
     }
 
@@ -556,6 +815,43 @@ impl Table {
 
     pub fn reconcile_totals(&self) -> ReconcileTotals {
         self.reconcile
+    }
+
+    /// Gives back the slots of ports that hold no socket (timewait ones from the last dump
+    /// included) and have seen no transition for `idle_ns`: their series disappear, and their
+    /// counters start again from zero if they come back. `other` retires the same way.
+    /// Returns how many retired.
+    pub fn retire_idle(&mut self, now_ns: u64, idle_ns: u64) -> usize {
+        let idle: Vec<(Role, PortKey)> = self
+            .stats
+            .iter()
+            .filter(|(k, s)| {
+                s.holds_nothing()
+                    && !self.timewait.contains_key(k)
+                    && now_ns.saturating_sub(s.last_active_ns) >= idle_ns
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for &(role, key) in &idle {
+            self.remove_port(role, key);
+        }
+        self.counters.ports_retired += idle.len() as u64;
+        if !idle.is_empty() {
+            self.evict_failed_ns = [None; 2];
+        }
+        idle.len()
+    }
+
+    /// Drops a port's aggregate and gives its slots back.
+    fn remove_port(&mut self, role: Role, key: PortKey) {
+        if let Some(s) = self.stats.remove(&(role, key))
+            && !key.is_other()
+        {
+            self.slots[role.idx()] -= 1;
+            if s.histograms {
+                self.hist_slots[role.idx()] -= 1;
+            }
+        }
     }
 
     /// Repairs the table from a sock_diag dump of every namespace that started at `started_ns`
@@ -570,27 +866,33 @@ impl Table {
         now_ns: u64,
         fin_timeout: std::time::Duration,
     ) -> Corrections {
-        use TcpState::*;
-        let mut c = Corrections::default();
         let listening: FxHashSet<(u32, u16)> = dump
             .iter()
-            .filter(|d| d.state == Listen)
+            .filter(|d| d.state == TcpState::Listen)
             .map(|d| (d.netns, d.local.port()))
             .collect();
-        let closed_during: FxHashSet<Tuple> = self
+        let plan = self.plan(dump, started_ns);
+        let c = self.correct(dump, plan, &listening, now_ns);
+        self.count_timewait(dump, &listening, now_ns, fin_timeout);
+        self.reconcile.runs += 1;
+        self.reconcile.last_ns = now_ns;
+        self.reconcile.corrections.stale += c.stale;
+        self.reconcile.corrections.missing += c.missing;
+        self.reconcile.corrections.state += c.state;
+        c
+    }
+
+    /// What a dump says must change: sockets to drop, to restate, and dump entries to add.
+    /// Both sides are sorted by tuple digest and merged, so the only memory this takes is two
+    /// flat arrays of digests, whatever the number of sockets.
+    fn plan(&self, dump: &[DiagSocket], started_ns: u64) -> Plan {
+        use TcpState::*;
+        let closed_during: FxHashSet<u64> = self
             .recent_closes
             .iter()
             .filter(|(_, ts)| *ts >= started_ns)
-            .map(|(tuple, _)| *tuple)
+            .map(|(d, _)| *d)
             .collect();
-
-        let mut kernel: FxHashMap<Tuple, Vec<&DiagSocket>> = FxHashMap::default();
-        for d in dump.iter().filter(|d| !d.timewait) {
-            kernel
-                .entry(self.tuple(d.netns, d.local, d.remote))
-                .or_default()
-                .push(d);
-        }
         // Sockets still opening have half a tuple in their events (the local port of a connect
         // or the remote port of an accept is 0): match them on the half that is known.
         let connecting: FxHashSet<SocketAddr> = dump
@@ -603,13 +905,22 @@ impl Table {
             .filter(|d| d.state == SynRecv)
             .map(|d| d.local)
             .collect();
-        let mut to_drop = Vec::new();
-        let mut ours: FxHashMap<Tuple, Vec<(u64, u64)>> = FxHashMap::default();
+
+        let mut plan = Plan::default();
+        // (digest, index in the dump)
+        let mut theirs: Vec<(u64, u32)> = dump
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.timewait)
+            .map(|(i, d)| (digest(&self.tuple(d.netns, d.local, d.remote)), i as u32))
+            .collect();
+        theirs.sort_unstable();
+        // (digest, entry time, socket)
+        let mut mine: Vec<(u64, u64, u64)> = Vec::with_capacity(self.conns.len());
         for (&sock, conn) in &self.conns {
             if complete(conn) {
-                ours.entry(self.tuple(conn.netns, conn.local, conn.remote))
-                    .or_default()
-                    .push((conn.since_ns, sock));
+                let tuple = self.tuple(conn.netns, conn.local, conn.remote);
+                mine.push((digest(&tuple), conn.since_ns, sock));
             } else if conn.since_ns < started_ns {
                 // Its next event was lost, or it is gone.
                 let alive = match conn.state {
@@ -618,51 +929,95 @@ impl Table {
                     _ => false,
                 };
                 if !alive {
-                    to_drop.push(sock);
+                    plan.drop.push(sock);
                 }
             }
         }
+        mine.sort_unstable();
 
-        let mut to_add = Vec::new();
-        let mut to_restate = Vec::new();
-        for (tuple, mut mine) in ours {
-            mine.sort_unstable();
-            let theirs = kernel.remove(&tuple).unwrap_or_default();
-            for (i, (since, sock)) in mine.iter().enumerate() {
-                match theirs.get(i) {
-                    Some(k) => {
-                        let conn = self.conns.get_mut(sock).expect("listed");
-                        conn.inode = k.inode;
-                        if conn.netns == 0 {
-                            conn.netns = k.netns;
-                        }
-                        if conn.state != k.state && *since < started_ns {
-                            to_restate.push((*sock, k.state));
-                        }
-                    }
-                    None if *since < started_ns => to_drop.push(*sock),
-                    None => {}
-                }
-            }
-            for k in theirs.iter().skip(mine.len()) {
-                if !closed_during.contains(&tuple) && !matches!(k.state, SynSent | SynRecv) {
-                    to_add.push((*k).clone());
-                }
-            }
-        }
-        for (tuple, theirs) in kernel {
-            if closed_during.contains(&tuple) {
-                continue;
-            }
-            to_add.extend(
-                theirs
-                    .into_iter()
-                    .filter(|k| !matches!(k.state, SynSent | SynRecv))
-                    .cloned(),
+        let (mut i, mut j) = (0, 0);
+        while i < mine.len() || j < theirs.len() {
+            let di = mine.get(i).map_or(u64::MAX, |m| m.0);
+            let dj = theirs.get(j).map_or(u64::MAX, |t| t.0);
+            let d = di.min(dj);
+            let i_end = i + mine[i..].iter().take_while(|m| m.0 == d).count();
+            let j_end = j + theirs[j..].iter().take_while(|t| t.0 == d).count();
+            self.plan_group(
+                dump,
+                &mine[i..i_end],
+                &theirs[j..j_end],
+                started_ns,
+                closed_during.contains(&d),
+                &mut plan,
             );
+            (i, j) = (i_end, j_end);
         }
+        plan
+    }
 
-        for sock in to_drop {
+    /// One digest's sockets of both sides (almost always one each, or one alone): pairs them
+    /// by whole tuple, the table's oldest first.
+    fn plan_group(
+        &self,
+        dump: &[DiagSocket],
+        mine: &[(u64, u64, u64)],
+        theirs: &[(u64, u32)],
+        started_ns: u64,
+        closed_during: bool,
+        plan: &mut Plan,
+    ) {
+        let mut taken = vec![false; theirs.len()];
+        for &(_, since, sock) in mine {
+            let conn = &self.conns[&sock];
+            let found = theirs.iter().enumerate().position(|(n, (_, k))| {
+                let k = &dump[*k as usize];
+                !taken[n]
+                    && self.tuple(k.netns, k.local, k.remote)
+                        == self.tuple(conn.netns, conn.local, conn.remote)
+            });
+            match found {
+                Some(n) => {
+                    taken[n] = true;
+                    let k = theirs[n].1;
+                    plan.matched.push((sock, k));
+                    if conn.state != dump[k as usize].state && since < started_ns {
+                        plan.restate.push((sock, dump[k as usize].state));
+                    }
+                }
+                None if since < started_ns => plan.drop.push(sock),
+                None => {}
+            }
+        }
+        if closed_during {
+            return;
+        }
+        for (n, &(_, k)) in theirs.iter().enumerate() {
+            let state = dump[k as usize].state;
+            if !taken[n] && !matches!(state, TcpState::SynSent | TcpState::SynRecv) {
+                plan.add.push(k);
+            }
+        }
+    }
+
+    /// Carries out a plan; returns what it corrected.
+    fn correct(
+        &mut self,
+        dump: &[DiagSocket],
+        plan: Plan,
+        listening: &FxHashSet<(u32, u16)>,
+        now_ns: u64,
+    ) -> Corrections {
+        let mut c = Corrections::default();
+        for (sock, k) in plan.matched {
+            let k = &dump[k as usize];
+            if let Some(conn) = self.conns.get_mut(&sock) {
+                conn.inode = k.inode;
+                if conn.netns == 0 {
+                    conn.netns = k.netns;
+                }
+            }
+        }
+        for sock in plan.drop {
             let conn = self.conns.remove(&sock).expect("listed");
             self.forget(&conn);
             let tuple = self.tuple(conn.netns, conn.local, conn.remote);
@@ -673,24 +1028,19 @@ impl Table {
                 self.departures.push(Departure {
                     sock,
                     conn,
-                    to: Close,
+                    to: TcpState::Close,
                     ts_ns: now_ns,
                 });
             }
             c.stale += 1;
         }
-        for (sock, state) in to_restate {
+        for (sock, state) in plan.restate {
             let conn = self.conns.get_mut(&sock).expect("listed");
             let stats = self
                 .stats
                 .get_mut(&(conn.role, conn.key))
                 .expect("aggregate");
-            let slot = &mut stats.current[conn.state.index()];
-            *slot = slot.saturating_sub(1);
-            if conn.seeded {
-                let slot = &mut stats.seeded[conn.state.index()];
-                *slot = slot.saturating_sub(1);
-            }
+            stats.remove(conn.state, conn.seeded);
             if conn.lingering {
                 self.departures.push(Departure {
                     sock,
@@ -703,22 +1053,34 @@ impl Table {
             conn.state = state;
             conn.since_ns = now_ns;
             conn.seeded = true;
-            stats.current[state.index()] += 1;
-            stats.seeded[state.index()] += 1;
+            stats.add(state, true);
+            stats.last_active_ns = stats.last_active_ns.max(now_ns);
             c.state += 1;
         }
-        for k in to_add {
-            self.add_seeded(&k, &listening, now_ns);
+        for k in plan.add {
+            self.add_seeded(&dump[k as usize], listening, now_ns);
             c.missing += 1;
         }
+        c
+    }
 
-        // Timewait sockets: counted per port from the dump, never tracked one by one.
+    /// Timewait sockets: counted per port from the dump, never tracked one by one.
+    fn count_timewait(
+        &mut self,
+        dump: &[DiagSocket],
+        listening: &FxHashSet<(u32, u16)>,
+        now_ns: u64,
+        fin_timeout: std::time::Duration,
+    ) {
+        use TcpState::*;
         self.timewait.clear();
         self.orphans.clear();
         for d in dump.iter().filter(|d| d.timewait) {
-            let (role, port) = self.dump_role(d, &listening);
-            let key = self.port_key(role, d.netns, port);
-            self.stats.entry((role, key)).or_default();
+            let (role, port) = self.dump_role(d, listening);
+            let key = self.port_key(role, d.netns, port, false, now_ns);
+            let stats = self.stats.entry((role, key)).or_default();
+            stats.seen.insert(d.state);
+            stats.last_active_ns = stats.last_active_ns.max(now_ns);
             let slot = self.timewait.entry((role, key)).or_default();
             match d.state {
                 TimeWait => slot[0] += 1,
@@ -733,35 +1095,39 @@ impl Table {
                 _ => {}
             }
         }
-
-        self.reconcile.runs += 1;
-        self.reconcile.last_ns = now_ns;
-        self.reconcile.corrections.stale += c.stale;
-        self.reconcile.corrections.missing += c.missing;
-        self.reconcile.corrections.state += c.state;
-        c
     }
 
     fn dump_role(&self, d: &DiagSocket, listening: &FxHashSet<(u32, u16)>) -> (Role, u16) {
-        if d.state == TcpState::Listen || listening.contains(&(d.netns, d.local.port())) {
-            (Role::Server, d.local.port())
-        } else {
-            (Role::Client, d.remote.port())
-        }
+        let listens = d.state == TcpState::Listen || listening.contains(&(d.netns, d.local.port()));
+        role_of(listens, d.local.port(), d.remote.port(), &self.ephemeral)
     }
 
     fn add_seeded(&mut self, d: &DiagSocket, listening: &FxHashSet<(u32, u16)>, now_ns: u64) {
         let (role, service_port) = self.dump_role(d, listening);
-        let key = self.port_key(role, d.netns, service_port);
+        let key = self.port_key(
+            role,
+            d.netns,
+            service_port,
+            MATTERS.contains(d.state),
+            now_ns,
+        );
         let stats = self.stats.entry((role, key)).or_default();
-        stats.current[d.state.index()] += 1;
-        stats.seeded[d.state.index()] += 1;
+        stats.add(d.state, true);
+        stats.last_active_ns = stats.last_active_ns.max(now_ns);
         let listener = d.state == TcpState::Listen;
         if listener {
-            *self.listening.entry(d.local.port()).or_default() += 1;
+            *self
+                .listening
+                .entry((self.ns(d.netns), d.local.port()))
+                .or_default() += 1;
         }
-        let sock = self.next_synthetic;
-        self.next_synthetic = (self.next_synthetic + 1) % SYNTHETIC_LIMIT;
+        // Never over an entry in use (kernel addresses cannot be below SYNTHETIC_LIMIT, but a
+        // synthetic key that wrapped around could still be taken).
+        let mut sock = self.next_synthetic;
+        while sock == 0 || self.conns.contains_key(&sock) {
+            sock = (sock + 1) % SYNTHETIC_LIMIT;
+        }
+        self.next_synthetic = (sock + 1) % SYNTHETIC_LIMIT;
         self.conns.insert(
             sock,
             Conn {
@@ -772,7 +1138,7 @@ impl Table {
                 key,
                 state: d.state,
                 since_ns: now_ns,
-                opened_ns: None,
+                opened_ns: 0,
                 listener,
                 netns: d.netns,
                 pid: 0,
@@ -795,62 +1161,100 @@ impl Table {
         sock.filter(|s| self.conns.contains_key(s))
     }
 
-    fn unlisten(&mut self, port: u16) {
-        if let Some(n) = self.listening.get_mut(&port) {
+    fn unlisten(&mut self, netns: u32, port: u16) {
+        let key = (self.ns(netns), port);
+        if let Some(n) = self.listening.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
-                self.listening.remove(&port);
+                self.listening.remove(&key);
             }
         }
     }
 
-    /// Role and service port of a socket first seen mid-life: a local listening port makes it a
-    /// server; otherwise the end in the ephemeral range is the client's.
-    fn infer_role(&self, local: u16, remote: u16) -> (Role, u16) {
-        let eph = |p| self.ephemeral.contains(&p);
-        let server = if self.listening.contains_key(&local) {
-            true
-        } else if eph(local) != eph(remote) {
-            // Exactly one end is ephemeral: that one is the client.
-            eph(remote)
+    /// The aggregate key for a service port, bounded to `max_ports` distinct ports per role.
+    /// A port that `matters` may take the slot of a port that holds no connection.
+    fn port_key(
+        &mut self,
+        role: Role,
+        netns: u32,
+        port: u16,
+        matters: bool,
+        now_ns: u64,
+    ) -> PortKey {
+        let key = if self.per_netns {
+            PortKey::NsPort(netns, port)
         } else {
-            // No better clue: the lower port is the service.
-            local <= remote
+            PortKey::Port(port)
         };
-        if server {
-            (Role::Server, local)
-        } else {
-            (Role::Client, remote)
+        if self.stats.contains_key(&(role, key)) {
+            return key;
         }
+        if self.slots[role.idx()] >= self.max_ports && !(matters && self.evict_one(role, now_ns)) {
+            if !self.overflow_reported[role.idx()] {
+                self.overflow_reported[role.idx()] = true;
+                tracing::warn!(
+                    role = role.label(),
+                    max_ports = self.max_ports,
+                    port,
+                    "port limit reached: further {} ports are counted under port=\"other\" (raise --max-ports to track more)",
+                    role.label()
+                );
+            }
+            return key.other();
+        }
+        self.slots[role.idx()] += 1;
+        self.stats.insert((role, key), Box::default());
+        key
     }
 
-    /// The aggregate key for a service port, bounded to `max_ports` distinct ports per role.
-    fn port_key(&mut self, role: Role, netns: u32, port: u16) -> PortKey {
-        let (ns, key, other) = if self.per_netns {
-            (netns, PortKey::NsPort(netns, port), PortKey::NsOther(netns))
-        } else {
-            (0, PortKey::Port(port), PortKey::Other)
+    /// Frees the slot of the least recently active port of `role` that holds no connection
+    /// (its timewait counts move to `other`); false when every port holds one.
+    fn evict_one(&mut self, role: Role, now_ns: u64) -> bool {
+        if self.evict_failed_ns[role.idx()]
+            .is_some_and(|at| now_ns.saturating_sub(at) < EVICT_RETRY_NS)
+        {
+            return false;
+        }
+        let victim = self
+            .stats
+            .iter()
+            .filter(|((r, k), s)| *r == role && !k.is_other() && s.holds_nothing() && !s.matters())
+            .min_by_key(|(_, s)| s.last_active_ns)
+            .map(|(k, _)| *k);
+        let Some((role, key)) = victim else {
+            self.evict_failed_ns[role.idx()] = Some(now_ns);
+            return false;
         };
-        let tracked = &mut self.tracked_ports[role.idx()];
-        if tracked.contains(&(ns, port)) {
-            return key;
+        self.remove_port(role, key);
+        self.counters.ports_evicted += 1;
+        if let Some([tw, fw2]) = self.timewait.remove(&(role, key)) {
+            let other = self.stats.entry((role, key.other())).or_default();
+            other.seen.insert(TcpState::TimeWait);
+            other.seen.insert(TcpState::FinWait2);
+            let slot = self.timewait.entry((role, key.other())).or_default();
+            slot[0] += tw;
+            slot[1] += fw2;
+            for o in self
+                .orphans
+                .iter_mut()
+                .filter(|o| (o.0, o.1) == (role, key))
+            {
+                o.1 = key.other();
+            }
         }
-        if tracked.len() < self.max_ports {
-            tracked.insert((ns, port));
-            return key;
-        }
-        if !self.overflow_reported[role.idx()] {
-            self.overflow_reported[role.idx()] = true;
-            tracing::warn!(
-                role = role.label(),
-                max_ports = self.max_ports,
-                port,
-                "port limit reached: further {} ports are counted under port=\"other\" (raise --max-ports to track more)",
-                role.label()
-            );
-        }
-        other
+        true
     }
+}
+
+/// What a reconciliation will change.
+#[derive(Default)]
+struct Plan {
+    /// (socket, index in the dump): the same socket on both sides.
+    matched: Vec<(u64, u32)>,
+    drop: Vec<u64>,
+    restate: Vec<(u64, TcpState)>,
+    /// Indexes in the dump.
+    add: Vec<u32>,
 }
 
 #[cfg(test)]
@@ -988,9 +1392,9 @@ mod tests {
         let est = &s.state_durations[Established.index()];
         assert_eq!(est.count, 1);
         assert!((est.sum_seconds - 0.3).abs() < 1e-9);
-        // 0.3 s lands in the 0.5 s bucket (index 8), not the 0.25 s one.
-        assert_eq!(est.buckets[7], 0);
-        assert_eq!(est.buckets[8], 1);
+        // 0.3 s lands in the 1 s bucket (index 5), not the 0.25 s one.
+        assert_eq!(est.buckets[4], 0);
+        assert_eq!(est.buckets[5], 1);
         assert_eq!(s.lifetimes.count, 1);
         assert!((s.lifetimes.sum_seconds - 0.300_003).abs() < 1e-9);
     }
@@ -1510,7 +1914,7 @@ mod tests {
         assert_eq!(h.count, 3);
         let c = h.cumulative();
         assert_eq!(c[0], 1);
-        assert_eq!(c[17], 2);
+        assert_eq!(c[BUCKETS - 1], 2);
     }
 
     #[test]
@@ -1531,5 +1935,323 @@ mod tests {
         );
         assert_eq!(s.tracked_sockets, 3);
         assert_eq!(s.counters.applied, 3);
+    }
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn timewait(local: &str, remote: &str) -> DiagSocket {
+        let mut d = diag(TimeWait, local, remote);
+        d.timewait = true;
+        d
+    }
+
+    #[test]
+    fn dumped_sockets_get_their_role_by_the_same_rule_as_events() {
+        // The burst: the server on 8080 closed first, so its 30,000 TIME_WAIT sockets
+        // outlive the listener, which is gone when the agent starts.
+        let mut t = Table::new(4, DEFAULT_EPHEMERAL);
+        let burst: Vec<DiagSocket> = (0..3_000u16)
+            .map(|i| timewait("127.0.0.1:8080", &format!("127.0.0.1:{}", 33_000 + i)))
+            .collect();
+        t.reconcile(&burst, SEC, SEC, FIN);
+        let snap = t.snapshot();
+        let keys: Vec<_> = snap.ports.iter().map(|(r, k, _)| (*r, *k)).collect();
+        assert_eq!(
+            keys,
+            vec![(Role::Server, PortKey::Port(8080))],
+            "one port, not 3,000"
+        );
+        assert_eq!(snap.ports[0].2.current[TimeWait.index()], 3_000);
+        // A new service later gets its own series for both roles.
+        t.apply(&tr(1, 2 * SEC, Close, Listen, "0.0.0.0:9443", "0.0.0.0:0"));
+        t.apply(&tr(
+            2,
+            2 * SEC,
+            Close,
+            SynSent,
+            "127.0.0.1:0",
+            "127.0.0.1:9443",
+        ));
+        assert_eq!(current(&t, Role::Server, 9443, Listen), 1);
+        assert_eq!(current(&t, Role::Client, 9443, SynSent), 1);
+        // Both ends ephemeral or neither: the lower port is the service; a listener wins.
+        assert_eq!(
+            role_of(false, 40_000, 50_000, &DEFAULT_EPHEMERAL),
+            (Role::Server, 40_000)
+        );
+        assert_eq!(
+            role_of(false, 5432, 80, &DEFAULT_EPHEMERAL),
+            (Role::Client, 80)
+        );
+        assert_eq!(
+            role_of(true, 40_000, 80, &DEFAULT_EPHEMERAL),
+            (Role::Server, 40_000)
+        );
+        assert_eq!(
+            role_of(false, 40_000, 80, &DEFAULT_EPHEMERAL),
+            (Role::Client, 80)
+        );
+    }
+
+    #[test]
+    fn idle_ports_give_their_slot_back_and_busy_ones_keep_it() {
+        let mut t = Table::new(2, DEFAULT_EPHEMERAL);
+        client_lifecycle(&mut t, SOCK_A); // port 80, closed at ~0.3 s
+        t.apply(&tr(SOCK_B, SEC, Close, Listen, "0.0.0.0:22", "0.0.0.0:0"));
+        let idle = 300 * SEC;
+        assert_eq!(t.retire_idle(200 * SEC, idle), 0, "not idle long enough");
+        assert_eq!(t.retire_idle(301 * SEC, idle), 1, "80 retires");
+        assert!(t.stats(Role::Client, PortKey::Port(80)).is_none());
+        // The listener holds a socket: it stays whatever the time.
+        assert_eq!(t.retire_idle(10_000 * SEC, idle), 0);
+        assert_eq!(current(&t, Role::Server, 22, Listen), 1);
+        assert_eq!(t.counters().ports_retired, 1);
+        // The slot is free again, and the port's counters start from zero.
+        t.apply(&tr(
+            3,
+            10_001 * SEC,
+            Close,
+            SynSent,
+            "10.0.0.1:0",
+            "10.0.0.2:80",
+        ));
+        let s = t.stats(Role::Client, PortKey::Port(80)).unwrap();
+        assert_eq!(s.transitions[Close.index()][SynSent.index()], 1);
+        assert_eq!(t.snapshot().ports_tracked, [1, 1]);
+        // Timewait sockets of the last dump hold a port too.
+        let mut t = Table::new(2, DEFAULT_EPHEMERAL);
+        t.reconcile(
+            &[timewait("10.0.0.1:8080", "10.0.0.2:40000")],
+            SEC,
+            SEC,
+            FIN,
+        );
+        assert_eq!(t.retire_idle(1_000 * SEC, idle), 0);
+        t.reconcile(&[], 1_000 * SEC, 1_000 * SEC, FIN);
+        assert_eq!(t.retire_idle(1_000 * SEC + idle, idle), 1);
+    }
+
+    #[test]
+    fn ports_that_matter_take_the_slots_of_ports_without_connections() {
+        let mut t = Table::new(2, DEFAULT_EPHEMERAL);
+        // Two server ports known only from TIME_WAIT sockets fill the budget.
+        t.reconcile(
+            &[
+                timewait("10.0.0.1:7001", "10.0.0.2:40000"),
+                timewait("10.0.0.1:7002", "10.0.0.2:40001"),
+            ],
+            SEC,
+            SEC,
+            FIN,
+        );
+        assert_eq!(t.snapshot().ports_tracked[Role::Server as usize], 2);
+        // A third port with only TIME_WAIT does not push them out.
+        t.reconcile(
+            &[
+                timewait("10.0.0.1:7001", "10.0.0.2:40000"),
+                timewait("10.0.0.1:7002", "10.0.0.2:40001"),
+                timewait("10.0.0.1:7003", "10.0.0.2:40002"),
+            ],
+            2 * SEC,
+            2 * SEC,
+            FIN,
+        );
+        assert!(t.stats(Role::Server, PortKey::Other).is_some());
+        assert!(t.stats(Role::Server, PortKey::Port(7003)).is_none());
+        // A listener does: it takes the least recently active one's slot.
+        t.apply(&tr(1, 3 * SEC, Close, Listen, "0.0.0.0:443", "0.0.0.0:0"));
+        assert_eq!(current(&t, Role::Server, 443, Listen), 1);
+        assert_eq!(t.counters().ports_evicted, 1);
+        let snap = t.snapshot();
+        let tw_total: u64 = snap
+            .ports
+            .iter()
+            .map(|(_, _, s)| s.current[TimeWait.index()])
+            .sum();
+        assert_eq!(
+            tw_total, 3,
+            "the evicted port's TIME_WAIT moved to other, none lost"
+        );
+        // A port with an established connection is never evicted: a further listener goes
+        // to other once only such ports are left.
+        t.apply(&tr(
+            2,
+            4 * SEC,
+            Listen,
+            SynRecv,
+            "10.0.0.1:443",
+            "10.0.0.9:50000",
+        ));
+        t.apply(&tr(
+            2,
+            4 * SEC,
+            SynRecv,
+            Established,
+            "10.0.0.1:443",
+            "10.0.0.9:50000",
+        ));
+        t.apply(&tr(3, 6 * SEC, Close, Listen, "0.0.0.0:8443", "0.0.0.0:0"));
+        assert_eq!(
+            current(&t, Role::Server, 8443, Listen),
+            1,
+            "took the TIME_WAIT port's slot"
+        );
+        t.apply(&tr(4, 8 * SEC, Close, Listen, "0.0.0.0:9443", "0.0.0.0:0"));
+        assert!(t.stats(Role::Server, PortKey::Port(9443)).is_none());
+        assert_eq!(current(&t, Role::Server, 443, Established), 1);
+        assert_eq!(current(&t, Role::Server, 8443, Listen), 1);
+        assert_eq!(
+            t.stats(Role::Server, PortKey::Other).unwrap().current[Listen.index()],
+            1
+        );
+    }
+
+    #[test]
+    fn histograms_are_per_port_for_the_first_ports_then_folded_into_other() {
+        let mut t = Table::new(16, DEFAULT_EPHEMERAL)
+            .histogram_ports(1)
+            .duration_states(StateSet::of(&[SynSent]));
+        for (sock, port) in [(1u64, 80u16), (2, 443), (3, 8080)] {
+            let remote = format!("10.0.0.2:{port}");
+            t.apply(&tr(sock, 0, Close, SynSent, "10.0.0.1:0", &remote));
+            t.apply(&with_prev(
+                tr(sock, 1_000, SynSent, Established, "10.0.0.1:40000", &remote),
+                1_000,
+            ));
+            // ESTABLISHED is not a duration state: not observed anywhere.
+            t.apply(&with_prev(
+                tr(
+                    sock,
+                    2_000,
+                    Established,
+                    FinWait1,
+                    "10.0.0.1:40000",
+                    &remote,
+                ),
+                1_000,
+            ));
+        }
+        let own = t.stats(Role::Client, PortKey::Port(80)).unwrap();
+        assert!(own.histograms);
+        assert_eq!(own.state_durations[SynSent.index()].count, 1);
+        assert_eq!(own.state_durations[Established.index()].count, 0);
+        for port in [443, 8080] {
+            let s = t.stats(Role::Client, PortKey::Port(port)).unwrap();
+            assert!(!s.histograms);
+            assert_eq!(s.state_durations[SynSent.index()].count, 0);
+            // Its gauges and transitions stay its own.
+            assert_eq!(s.current[FinWait1.index()], 1);
+        }
+        let other = t.stats(Role::Client, PortKey::Other).unwrap();
+        assert_eq!(other.state_durations[SynSent.index()].count, 2);
+        assert_eq!(
+            other.current, [0; STATES],
+            "other holds no socket of its own"
+        );
+    }
+
+    #[test]
+    fn seen_states_are_remembered_until_the_port_retires() {
+        let mut t = table();
+        client_lifecycle(&mut t, SOCK_A);
+        let s = t.stats(Role::Client, PortKey::Port(80)).unwrap();
+        let seen: Vec<_> = s.seen.states().collect();
+        assert_eq!(seen, vec![Established, SynSent, FinWait1, FinWait2]);
+        assert_eq!(s.current, [0; STATES]);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Apply(u64, TcpState, TcpState, u16, u16),
+            Dump(Vec<(TcpState, u16, u16, bool)>),
+            Retire(u64),
+        }
+
+        fn state() -> impl Strategy<Value = TcpState> {
+            prop::sample::select(TcpState::ALL.to_vec())
+        }
+
+        fn port() -> impl Strategy<Value = u16> {
+            prop::sample::select(vec![0u16, 22, 80, 8080, 40_000, 40_001, 50_000])
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                // A handful of kernel addresses, so that they are reused.
+                6 => (0u64..5, state(), state(), port(), port())
+                    .prop_map(|(s, o, n, l, r)| Op::Apply(SOCK_A + s * 0x100, o, n, l, r)),
+                1 => prop::collection::vec((state(), port(), port(), any::<bool>()), 0..6)
+                    .prop_map(Op::Dump),
+                1 => (0u64..400).prop_map(Op::Retire),
+            ]
+        }
+
+        /// `current` and `seeded` of every port equal the sockets the table holds there.
+        fn check(t: &Table) -> Result<(), TestCaseError> {
+            let mut want: FxHashMap<(Role, PortKey), ([u64; STATES], [u64; STATES])> =
+                FxHashMap::default();
+            for c in t.conns.values() {
+                let e = want.entry((c.role, c.key)).or_default();
+                e.0[c.state.index()] += 1;
+                if c.seeded {
+                    e.1[c.state.index()] += 1;
+                }
+                prop_assert!(
+                    t.stats.contains_key(&(c.role, c.key)),
+                    "no aggregate for {c:?}"
+                );
+            }
+            for (k, s) in &t.stats {
+                let (cur, seeded) = want.get(k).copied().unwrap_or_default();
+                prop_assert_eq!(s.current, cur, "current of {:?}", k);
+                prop_assert_eq!(s.seeded, seeded, "seeded of {:?}", k);
+            }
+            let slots = t.stats.keys().filter(|(_, k)| !k.is_other()).count();
+            prop_assert_eq!(slots, t.slots[0] + t.slots[1]);
+            prop_assert!(t.slots.iter().all(|&n| n <= t.max_ports));
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+            #[test]
+            fn counts_always_equal_the_sockets_held(ops in prop::collection::vec(op(), 1..60)) {
+                let mut t = Table::new(3, DEFAULT_EPHEMERAL);
+                let mut now = 0u64;
+                for op in ops {
+                    now += SEC;
+                    match op {
+                        Op::Apply(sock, old, new, l, r) => {
+                            let mut e = tr(sock, now, old, new, "10.0.0.1:0", "10.0.0.2:0");
+                            e.local.set_port(l);
+                            e.remote.set_port(r);
+                            t.apply(&e);
+                        }
+                        Op::Dump(socks) => {
+                            let dump: Vec<DiagSocket> = socks
+                                .into_iter()
+                                .map(|(st, l, r, tw)| {
+                                    let mut d = diag(st, "10.0.0.1:0", "10.0.0.2:0");
+                                    d.netns = 0;
+                                    d.local.set_port(l);
+                                    d.remote.set_port(r);
+                                    d.timewait = tw && matches!(st, TimeWait | FinWait2);
+                                    d
+                                })
+                                .collect();
+                            t.reconcile(&dump, now - SEC / 2, now, FIN);
+                        }
+                        Op::Retire(idle) => {
+                            t.retire_idle(now, idle * SEC);
+                        }
+                    }
+                    check(&t)?;
+                }
+            }
+        }
     }
 }

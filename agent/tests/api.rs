@@ -484,3 +484,95 @@ fn a_watch_that_cannot_keep_up_is_disconnected_with_a_reason() {
         "{events} events arrived: it was not cut off"
     );
 }
+
+#[test]
+fn a_socket_path_that_is_not_a_socket_is_refused_and_left_alone() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("tcpstate-notsock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("important.conf");
+    std::fs::write(&file, "keep me\n").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (code, _, err) = cli(&[
+        "agent",
+        "--listen",
+        &listen,
+        "--socket",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("is not a socket") && err.contains("--socket"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me\n");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn watchers_see_every_transition_through_reconciliations() {
+    require_root();
+    let ns = Netns::new("wrec");
+    let sock = socket_path("wrec");
+    // Reconciliations every 200 ms while the churn runs: each one drains the pending batches.
+    let agent = AgentProc::start(&["--socket", &sock, "--reconcile-interval", "200ms"]);
+    let port = 7704u16;
+    let connections = 3_000usize;
+    // Every connection makes ten transitions on this port (client CLOSE -> SYN_SENT ->
+    // ESTABLISHED -> FIN_WAIT1 -> FIN_WAIT2 -> CLOSE, server LISTEN -> SYN_RECV -> ESTABLISHED
+    // -> CLOSE_WAIT -> LAST_ACK -> CLOSE), and the listener two.
+    let expected = connections * 10 + 2;
+    let s = UnixStream::connect(&sock).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(format!("{{\"v\":1,\"cmd\":\"watch\",\"port\":{port}}}\n").as_bytes())
+        .unwrap();
+    let mut r = BufReader::new(s);
+    let mut first = String::new();
+    r.read_line(&mut first).unwrap();
+    assert!(first.contains("\"ok\":true"), "{first}");
+    r.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut events = 0usize;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return events,
+                Ok(_) if line.contains("\"event\"") => events += 1,
+                Ok(_) => panic!("the watch ended: {line}"),
+            }
+        }
+    });
+    let lost_before = kernel_losses(&agent.metrics());
+    let runs_before = value(&agent.metrics(), "tcpstate_reconciliations_total", &[]).unwrap();
+    ns.enter(|| {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let mut b = [0u8; 1];
+        for _ in 0..connections {
+            let (client, mut server) = connect_pair(&listener);
+            drop(client);
+            assert_eq!(server.read(&mut b).unwrap(), 0);
+        }
+    });
+    // The reader stops 3 s after the last event.
+    let events = reader.join().unwrap();
+    let text = agent.metrics();
+    let lost = kernel_losses(&text) - lost_before;
+    let runs = value(&text, "tcpstate_reconciliations_total", &[]).unwrap() - runs_before;
+    assert!(
+        runs >= 2.0,
+        "only {runs} reconciliations ran during the churn"
+    );
+    // Transitions the kernel did not deliver (counted, host-wide) are the only excuse.
+    assert!(
+        events <= expected && events as f64 + lost >= expected as f64,
+        "watch saw {events} of {expected} transitions ({lost} lost in the kernel, {runs} reconciliations)\n{}",
+        agent.loss_context()
+    );
+}
+
+fn kernel_losses(text: &str) -> f64 {
+    value(text, "tcpstate_events_lost_total", &[("stage", "kernel")]).unwrap_or(0.0)
+}
