@@ -28,6 +28,7 @@ pub mod configfile;
 pub mod daemon;
 pub mod decode;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod owner;
 pub mod privileges;

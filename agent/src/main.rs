@@ -86,6 +86,7 @@ fn main() -> ExitCode {
                 LogFormat::Text => builder.init(),
                 LogFormat::Json => builder.json().init(),
             }
+            tcpstate::memory::tune_allocator();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
