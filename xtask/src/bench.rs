@@ -20,8 +20,13 @@ const AGENT_LISTEN: &str = "127.0.0.1:10690";
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 const HELP: &str =
-    "usage: cargo xtask bench [--connections N] [--rounds R] [--breakdown] [-- AGENT_ARGS...]
+    "usage: cargo xtask bench [--scenario churn|busy|all] [--connections N] [--rounds R]
+                         [--breakdown] [-- AGENT_ARGS...]
 
+  --scenario S     churn: throughput with and without the agent, agent CPU, losses;
+                   busy: a busy host (400 ports, 100,000 connections, a burst of 30,000
+                   server-first connections, a CLOSE_WAIT leak): series in /metrics, scrape
+                   time and size, agent RSS; all (default): both
   --connections N  connections per round (default 50000, ten transitions each)
   --rounds R       rounds of each kind, interleaved (default 15)
   --breakdown      also rebuild the eBPF program five times, each with one part left out
@@ -29,6 +34,9 @@ const HELP: &str =
                    and measure the throughput ratio of each: what every part costs. Rebuilds
                    the real agent at the end.
   AGENT_ARGS       extra flags for `tcpstate agent`, e.g. -- --ring-size 1MiB
+
+  TCPSTATE_BENCH_SMAPS=1 prints the agent's largest memory mappings at the end of the busy
+  scenario (where its RSS is).
 ";
 
 /// Benchmark-only builds of the program (`TCPSTATE_BENCH_VARIANT`, read by `ebpf/`), each
@@ -49,6 +57,7 @@ pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
     let mut connections = 50_000u64;
     let mut rounds = 15usize;
     let mut breakdown = false;
+    let mut scenario = "all".to_string();
     let mut agent_args: Vec<String> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -56,6 +65,14 @@ pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
             "--connections" => connections = num(it.next(), "--connections")?,
             "--rounds" => rounds = num(it.next(), "--rounds")? as usize,
             "--breakdown" => breakdown = true,
+            "--scenario" => match it.next().map(String::as_str) {
+                Some(s @ ("churn" | "busy" | "all")) => scenario = s.to_string(),
+                other => {
+                    return Err(format!(
+                        "bench: --scenario takes churn, busy or all, not {other:?}\n{HELP}"
+                    ));
+                }
+            },
             "--" => agent_args.extend(it.by_ref().cloned()),
             "-h" | "--help" => {
                 print!("{HELP}");
@@ -75,7 +92,22 @@ pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
         agent_args,
         connections,
     };
+    if scenario != "busy" {
+        churn_scenario(&bench, connections, rounds, breakdown, rebuild)?;
+    }
+    if scenario != "churn" {
+        crate::busy::run(&bench.agent_bin, &bench.agent_args)?;
+    }
+    Ok(())
+}
 
+fn churn_scenario(
+    bench: &Bench,
+    connections: u64,
+    rounds: usize,
+    breakdown: bool,
+    rebuild: Rebuild,
+) -> Result {
     let _ = Command::new("ip")
         .args(["netns", "del", NETNS])
         .stderr(Stdio::null())
@@ -319,12 +351,12 @@ impl Drop for NetnsGuard {
     }
 }
 
-struct Agent {
+pub(crate) struct Agent {
     child: Child,
 }
 
 impl Agent {
-    fn start(bin: &Path, extra: &[String]) -> Result<Agent> {
+    pub(crate) fn start(bin: &Path, extra: &[String]) -> Result<Agent> {
         let child = Command::new(bin)
             .args(["agent", "--listen", AGENT_LISTEN, "--log-level", "warn"])
             .args(extra)
@@ -347,7 +379,7 @@ impl Agent {
         Err("the agent was not ready (/readyz) within 15 s".into())
     }
 
-    fn metrics(&self) -> Result<String> {
+    pub(crate) fn metrics(&self) -> Result<String> {
         match self.get("/metrics")? {
             (200, body) => Ok(body),
             (status, _) => Err(format!("/metrics answered {status}")),
@@ -372,7 +404,7 @@ impl Agent {
         Ok((status, body.to_string()))
     }
 
-    fn cpu_seconds(&self) -> Result<f64> {
+    pub(crate) fn cpu_seconds(&self) -> Result<f64> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
             .map_err(|e| e.to_string())?;
         // Fields after the command name, which is in parentheses and may contain spaces.
@@ -406,17 +438,46 @@ impl Agent {
     }
 
     fn peak_rss_kib(&self) -> Result<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// The agent's 15 largest mappings by RSS, to stderr.
+    pub(crate) fn print_smaps(&self) {
+        let text =
+            std::fs::read_to_string(format!("/proc/{}/smaps", self.child.id())).unwrap_or_default();
+        let mut cur = String::new();
+        let mut rows = Vec::new();
+        for l in text.lines() {
+            if l.contains('-') && !l.starts_with(|c: char| c.is_ascii_uppercase()) {
+                cur = l.to_string();
+            } else if let Some(v) = l.strip_prefix("Rss:") {
+                let kib: u64 = v
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                rows.push((kib, cur.clone()));
+            }
+        }
+        rows.sort();
+        for r in rows.iter().rev().take(15) {
+            eprintln!("{:>8} KiB {}", r.0, r.1);
+        }
+    }
+
+    /// A KiB figure of /proc/PID/status, e.g. `VmRSS:`.
+    pub(crate) fn status_kib(&self, field: &str) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .map_err(|e| e.to_string())?;
         Ok(status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0))
     }
 
-    fn stop(mut self) -> Result {
+    pub(crate) fn stop(mut self) -> Result {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -428,14 +489,14 @@ impl Agent {
     }
 }
 
-fn metric(text: &str, name: &str) -> u64 {
+pub(crate) fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0) as u64
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     if s.is_empty() {
@@ -449,7 +510,7 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn num(v: Option<&String>, what: &str) -> Result<u64> {
+pub(crate) fn num(v: Option<&String>, what: &str) -> Result<u64> {
     v.ok_or_else(|| format!("{what} needs a number"))?
         .parse()
         .map_err(|_| format!("{what} needs a number"))

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 mod bench;
+mod busy;
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -66,6 +67,8 @@ fn main() -> ExitCode {
         "gen-rules" => gen_rules(),
         // Internal: the benchmark's churn loop, run inside its network namespace.
         "churn-worker" => bench::worker(rest),
+        // Internal: the busy-host scenario's connection holders, inside its namespace.
+        "busy-worker" => busy::worker(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())

@@ -1,0 +1,329 @@
+//! `cargo xtask bench`'s busy-host scenario: what the exposition and the agent's memory cost on
+//! a host a fleet would run.
+//!
+//! In a network namespace of its own, with the agent already running: 400 server ports holding
+//! 100,000 established loopback connections (so every port has seen transitions on both roles),
+//! then a burst of 30,000 connections that the server closes first (30,000 `TIME_WAIT` sockets
+//! on one server port, whose listener then exits), then a `CLOSE_WAIT` leak on a new port. Once
+//! a reconciliation has counted the `TIME_WAIT` sockets: the series in `/metrics`, its size and
+//! scrape time, and the agent's RSS per tracked socket.
+//!
+//! One process may hold 20,000 descriptors here (no CAP_SYS_RESOURCE to raise it), so the
+//! connections are held by 16 processes of 6,250 connections (12,500 descriptors) each.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Result;
+use crate::bench::{Agent, metric, num};
+
+const NETNS: &str = "tcpstate-busy";
+/// 400 service ports, 7000..7399.
+const FIRST_PORT: u16 = 7000;
+const PORTS: u16 = 400;
+const HOLDERS: u16 = 16;
+const CONNS_PER_PORT: u32 = 250;
+const BURST_PORT: u16 = 7500;
+const BURST: u32 = 30_000;
+const LEAK_PORT: u16 = 7600;
+const LEAK: u32 = 100;
+/// The target of the fleet-safe metrics issue.
+const MAX_SERIES: usize = 5_000;
+const MAX_RSS_MIB: f64 = 64.0;
+
+pub fn run(agent_bin: &std::path::Path, agent_args: &[String]) -> Result {
+    let _ = Command::new("ip")
+        .args(["netns", "del", NETNS])
+        .stderr(Stdio::null())
+        .status();
+    crate::sh(Command::new("ip").args(["netns", "add", NETNS]))?;
+    let _cleanup = Netns;
+    crate::sh(Command::new("ip").args(["-n", NETNS, "link", "set", "lo", "up"]))?;
+
+    let agent = Agent::start(agent_bin, agent_args)?;
+    let rss_start = agent.status_kib("VmRSS:")?;
+
+    // 400 ports x 250 connections, opened while the agent runs.
+    let started = Instant::now();
+    let per_holder = PORTS / HOLDERS;
+    let mut holders = Vec::new();
+    for h in 0..HOLDERS {
+        let first = FIRST_PORT + h * per_holder;
+        holders.push(Holder::spawn(&[
+            "hold",
+            &first.to_string(),
+            &per_holder.to_string(),
+            &CONNS_PER_PORT.to_string(),
+        ])?);
+    }
+    for h in &mut holders {
+        h.wait_ready()?;
+    }
+    let opened = started.elapsed();
+    eprintln!(
+        "bench: busy host: {} connections on {PORTS} ports held ({:.1} s)",
+        u32::from(PORTS) * CONNS_PER_PORT,
+        opened.as_secs_f64()
+    );
+    // The burst: the server closes first, so TIME_WAIT stays on the server's side; then its
+    // listener exits.
+    let burst = crate::output(
+        Command::new("ip")
+            .args(["netns", "exec", NETNS])
+            .arg(std::env::current_exe().map_err(|e| e.to_string())?)
+            .args([
+                "busy-worker",
+                "burst",
+                &BURST_PORT.to_string(),
+                &BURST.to_string(),
+            ]),
+    )?;
+    eprintln!("bench: busy host: burst of {BURST} server-first connections ({burst} s)");
+    // A CLOSE_WAIT leak on a new port: the clients close, the server never does.
+    let mut leak = Holder::spawn(&["leak", &LEAK_PORT.to_string(), &LEAK.to_string()])?;
+    leak.wait_ready()?;
+
+    // A reconciliation that started after the burst counts its TIME_WAIT sockets.
+    let runs = metric(&agent.metrics()?, "tcpstate_reconciliations_total");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&agent.metrics()?, "tcpstate_reconciliations_total") < runs + 2 {
+        if Instant::now() > deadline {
+            return Err("no reconciliation within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    let mut times = Vec::new();
+    let mut text = String::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        text = agent.metrics()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let series = text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count();
+    let own_series = text.lines().filter(|l| l.starts_with("tcpstate_")).count();
+    let leak_line = format!(
+        "tcpstate_connections{{port=\"{LEAK_PORT}\",role=\"server\",state=\"close_wait\"}} {LEAK}"
+    );
+    let burst_tw = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "tcpstate_connections{{port=\"{BURST_PORT}\",role=\"server\",state=\"time_wait\"}} "
+            ))
+        })
+        .unwrap_or("none")
+        .to_string();
+    let other = text
+        .lines()
+        .filter(|l| l.starts_with("tcpstate_connections{port=\"other\""))
+        .count();
+    let tracked = metric(&text, "tcpstate_tracked_sockets");
+    let ss_tw = crate::output(Command::new("ip").args([
+        "netns",
+        "exec",
+        NETNS,
+        "ss",
+        "-Htan",
+        "state",
+        "time-wait",
+        &format!("sport = :{BURST_PORT}"),
+    ]))?
+    .lines()
+    .count();
+    let mut families: std::collections::BTreeMap<&str, usize> = Default::default();
+    for l in text.lines().filter(|l| l.starts_with("tcpstate_")) {
+        let name = l.split(['{', ' ']).next().unwrap_or(l);
+        let name = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        *families.entry(name).or_default() += 1;
+    }
+    let rss = agent.status_kib("VmRSS:")?;
+    let hwm = agent.status_kib("VmHWM:")?;
+    let cpu = agent.cpu_seconds()?;
+    if std::env::var_os("TCPSTATE_BENCH_SMAPS").is_some() {
+        agent.print_smaps();
+    }
+
+    for h in holders {
+        h.finish()?;
+    }
+    leak.finish()?;
+    agent.stop()?;
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let per_socket = (rss.saturating_sub(rss_start) * 1024) as f64 / tracked.max(1) as f64;
+    println!();
+    println!(
+        "## busy host: {PORTS} ports, {} established connections, a burst of {BURST} server-first connections, a CLOSE_WAIT leak",
+        u32::from(PORTS) * CONNS_PER_PORT
+    );
+    println!();
+    println!("| measure | value | target |");
+    println!("|---|---|---|");
+    println!("| series in /metrics | {series} ({own_series} tcpstate_*) | <= {MAX_SERIES} |");
+    println!(
+        "| /metrics size | {:.0} KiB | |",
+        text.len() as f64 / 1024.0
+    );
+    println!(
+        "| scrape time (median of 5) | {:.1} ms | |",
+        crate::bench::median(&times)
+    );
+    println!(
+        "| the leak's port has its own series | {} | yes |",
+        if text.contains(&leak_line) {
+            "yes"
+        } else {
+            "NO"
+        }
+    );
+    println!("| burst port TIME_WAIT, server role (ss) | {burst_tw} ({ss_tw}) | |");
+    println!("| port=\"other\" connection series | {other} | |");
+    println!("| sockets in the table | {tracked} | |");
+    println!(
+        "| agent RSS at the end (at start) | {:.1} MiB ({:.1} MiB) | <= {MAX_RSS_MIB} MiB |",
+        mib(rss),
+        mib(rss_start)
+    );
+    println!("| agent peak RSS | {:.1} MiB | |", mib(hwm));
+    println!("| RSS per tracked socket (growth / sockets) | {per_socket:.0} bytes | |");
+    println!("| agent CPU, whole scenario | {cpu:.2} s | |");
+    println!();
+    println!("| family | series |");
+    println!("|---|---|");
+    let mut families: Vec<_> = families.into_iter().collect();
+    families.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    for (name, n) in families.iter().filter(|(_, n)| *n > 2) {
+        println!("| `{name}` | {n} |");
+    }
+    Ok(())
+}
+
+/// A process in the namespace that holds connections until its standard input closes.
+struct Holder {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Holder {
+    fn spawn(args: &[&str]) -> Result<Holder> {
+        let xtask = std::env::current_exe().map_err(|e| e.to_string())?;
+        // Each holder takes the hard descriptor limit (20,000 here; raising it needs
+        // CAP_SYS_RESOURCE).
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", NETNS, "sh", "-c"])
+            .arg("ulimit -n \"$(ulimit -Hn)\" && exec \"$0\" busy-worker \"$@\"")
+            .arg(xtask)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start a busy-host worker: {e}"))?;
+        let stdin = child.stdin.take();
+        Ok(Holder { child, stdin })
+    }
+
+    fn wait_ready(&mut self) -> Result {
+        let out = self.child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(out)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        if line.trim() == "ready" {
+            Ok(())
+        } else {
+            Err(format!("a busy-host worker failed: `{}`", line.trim()))
+        }
+    }
+
+    fn finish(mut self) -> Result {
+        drop(self.stdin.take());
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("a busy-host worker exited with {status}"))
+        }
+    }
+}
+
+/// `xtask busy-worker hold FIRST_PORT PORTS CONNS | burst PORT N | leak PORT N`, inside the
+/// namespace.
+pub fn worker(args: &[String]) -> Result {
+    let what = args.first().map(String::as_str).unwrap_or("");
+    let n = |i: usize, name: &str| num(args.get(i), name);
+    match what {
+        "hold" => {
+            let (first, ports, conns) = (n(1, "FIRST_PORT")?, n(2, "PORTS")?, n(3, "CONNS")?);
+            let mut held = Vec::new();
+            for port in first..first + ports {
+                let listener = TcpListener::bind(("127.0.0.1", port as u16))
+                    .map_err(|e| format!("bind {port}: {e}"))?;
+                for _ in 0..conns {
+                    let c = TcpStream::connect(("127.0.0.1", port as u16))
+                        .map_err(|e| format!("connect {port}: {e}"))?;
+                    let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+                    held.push((c, s));
+                }
+                // The listener stays: these are live services.
+                std::mem::forget(listener);
+            }
+            hold_until_stdin_closes()
+        }
+        "burst" => {
+            let (port, count) = (n(1, "PORT")?, n(2, "N")?);
+            let listener = TcpListener::bind(("127.0.0.1", port as u16))
+                .map_err(|e| format!("bind {port}: {e}"))?;
+            let start = Instant::now();
+            let mut buf = [0u8; 1];
+            for _ in 0..count {
+                let mut c = TcpStream::connect(("127.0.0.1", port as u16))
+                    .map_err(|e| format!("connect: {e}"))?;
+                let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+                // The server closes first; the client reads EOF and closes after it.
+                drop(s);
+                let _ = c.read(&mut buf);
+                drop(c);
+            }
+            println!("{:.1}", start.elapsed().as_secs_f64());
+            Ok(())
+        }
+        "leak" => {
+            let (port, count) = (n(1, "PORT")?, n(2, "N")?);
+            let listener = TcpListener::bind(("127.0.0.1", port as u16))
+                .map_err(|e| format!("bind {port}: {e}"))?;
+            let mut servers = Vec::new();
+            for _ in 0..count {
+                let c = TcpStream::connect(("127.0.0.1", port as u16))
+                    .map_err(|e| format!("connect: {e}"))?;
+                let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+                drop(c);
+                servers.push(s);
+            }
+            hold_until_stdin_closes()
+        }
+        other => Err(format!("busy-worker: unknown task `{other}`")),
+    }
+}
+
+fn hold_until_stdin_closes() -> Result {
+    println!("ready");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(())
+}
+
+struct Netns;
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
+    }
+}
