@@ -298,17 +298,23 @@ fn the_dashboard_queries_only_metrics_the_agent_exports() {
     }
     assert!(exprs.len() >= 10, "{exprs:?}");
 
-    // A real scrape, with a connection closed so the histograms have series.
-    let agent = support::AgentProc::start(&[]);
+    // A real scrape, with a connection closed so the histograms have series, and one left in
+    // CLOSE_WAIT past the threshold so the lingering families have theirs.
+    let agent = support::AgentProc::start(&["--linger-after", "200ms"]);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     drop(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
     drop(listener.accept().unwrap());
+    let _leak = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (_leaked, _) = listener.accept().unwrap();
+    drop(_leak);
     let scrape = support::eventually(std::time::Duration::from_secs(5), || {
         let t = agent.metrics();
-        if t.contains("tcpstate_connection_duration_seconds_bucket") {
+        if t.contains("tcpstate_connection_duration_seconds_bucket")
+            && t.contains("tcpstate_lingering_connections{")
+        {
             Ok(t)
         } else {
-            Err("no lifetime yet".into())
+            Err("no lifetime or lingering connection yet".into())
         }
     });
     let exported: std::collections::BTreeSet<&str> = scrape

@@ -105,22 +105,37 @@ fn connection_counts_equal_ss_for_both_roles_over_ipv4_and_ipv6() {
             Ok(())
         });
     }
-    // Every state is exported for a tracked port, zeros included.
+    // A tracked port exports the states it has held, zeros included, and no others.
     let text = agent.metrics();
-    for state in TcpState::ALL {
-        for role in ["server", "client"] {
-            let v = value(
-                &text,
-                "tcpstate_connections",
-                &[("port", "7101"), ("role", role), ("state", state.label())],
-            );
-            assert!(
-                v.is_some(),
-                "no tcpstate_connections for {role} {}",
-                state.label()
-            );
-        }
-    }
+    let exported = |role: &str| -> std::collections::BTreeSet<String> {
+        samples(&text, "tcpstate_connections")
+            .into_iter()
+            .filter(|(l, _)| l["port"] == "7101" && l["role"] == role)
+            .map(|(l, _)| l["state"].clone())
+            .collect()
+    };
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        exported("server"),
+        set(&[
+            "close_wait",
+            "established",
+            "fin_wait1",
+            "fin_wait2",
+            "listen",
+            "syn_recv"
+        ])
+    );
+    assert_eq!(
+        exported("client"),
+        set(&[
+            "close_wait",
+            "established",
+            "fin_wait1",
+            "fin_wait2",
+            "syn_sent"
+        ])
+    );
 }
 
 /// What the in-process pipeline saw.
@@ -572,4 +587,69 @@ fn without_privileges_the_agent_names_the_missing_capability() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("missing capability CAP_BPF"), "{err}");
     assert!(err.contains("run tcpstate as root"), "{err}");
+}
+
+#[test]
+fn an_idle_port_gives_its_slot_back_and_returns_from_zero() {
+    require_root();
+    let ns = Netns::new("retire");
+    // A 1 s linger threshold makes the table task look every 250 ms.
+    let agent = AgentProc::start(&["--port-retire-after", "2s", "--linger-after", "1s"]);
+    let port = 7302u16;
+    let p = port.to_string();
+    let one_connection = || {
+        ns.enter(|| {
+            let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+            let (client, mut server) = connect_pair(&listener);
+            drop(client);
+            let mut buf = [0u8; 1];
+            assert_eq!(server.read(&mut buf).unwrap(), 0);
+        })
+    };
+    let accepted = |text: &str| {
+        value(
+            text,
+            "tcpstate_transitions_total",
+            &[
+                ("port", &p),
+                ("role", "server"),
+                ("from", "listen"),
+                ("to", "syn_recv"),
+            ],
+        )
+    };
+    one_connection();
+    eventually(Duration::from_secs(5), || {
+        match accepted(&agent.metrics()) {
+            Some(1.0) => Ok(()),
+            other => Err(format!("accepted {other:?}")),
+        }
+    });
+    // The server side ends in CLOSE (the client holds the TIME_WAIT): nothing holds the
+    // server role's port, so its series go once it has been idle for 2 s.
+    let text = eventually(Duration::from_secs(10), || {
+        let text = agent.metrics();
+        match accepted(&text) {
+            None => Ok(text),
+            Some(n) => Err(format!("still exported: {n}")),
+        }
+    });
+    assert!(
+        !text.contains(&format!("port=\"{p}\",role=\"server\"")),
+        "every series of the retired port goes"
+    );
+    let freed = value(
+        &text,
+        "tcpstate_port_slots_freed_total",
+        &[("reason", "idle")],
+    );
+    assert!(freed.is_some_and(|n| n >= 1.0), "{freed:?}");
+    // It comes back, counting from zero.
+    one_connection();
+    eventually(Duration::from_secs(5), || {
+        match accepted(&agent.metrics()) {
+            Some(1.0) => Ok(()),
+            other => Err(format!("accepted after return {other:?}")),
+        }
+    });
 }
