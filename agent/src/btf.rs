@@ -166,8 +166,13 @@ impl Btf {
         id
     }
 
-    /// Byte offset and type of `member` in struct/union `id`, searching anonymous members too.
+    /// Byte offset and type of `member` in struct/union `id`, searching anonymous members too
+    /// (at most `MAX_ANON_DEPTH` deep: a malformed blob may make a struct contain itself).
     fn member(&self, id: u32, member: &str) -> Option<(u32, u32)> {
+        self.member_within(id, member, MAX_ANON_DEPTH)
+    }
+
+    fn member_within(&self, id: u32, member: &str, depth: u32) -> Option<(u32, u32)> {
         let t = self.types.get(self.resolve(id) as usize)?;
         if !matches!(t.kind, KIND_STRUCT | KIND_UNION) {
             return None;
@@ -179,9 +184,10 @@ impl Btf {
                 return Some((bits / 8, ty));
             }
             if name.is_empty()
-                && let Some((inner, ty)) = self.member(ty, member)
+                && depth > 0
+                && let Some((inner, ty)) = self.member_within(ty, member, depth - 1)
             {
-                return Some((bits / 8 + inner, ty));
+                return Some(((bits / 8).checked_add(inner)?, ty));
             }
         }
         None
@@ -197,13 +203,18 @@ impl Btf {
                 strukt: within.clone(),
                 member: m.to_string(),
             })?;
-            total += off;
+            total = off
+                .checked_add(total)
+                .ok_or(BtfError::Format("member offsets overflow"))?;
             id = ty;
             within = m.to_string();
         }
         Ok(total)
     }
 }
+
+/// Anonymous structs and unions nested in one another: the kernel's run two or three deep.
+const MAX_ANON_DEPTH: u32 = 16;
 
 /// Where the network namespace inode of a socket is: `*(sock + net) + inum`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,6 +299,41 @@ mod tests {
         assert_eq!(
             btf.offset("missing", &["x"]),
             Err(BtfError::NoStruct("missing".into()))
+        );
+    }
+
+    /// Found by the fuzz target: an anonymous member whose type is its own struct overflowed
+    /// the stack.
+    #[test]
+    fn a_struct_that_contains_itself_is_no_member_not_a_crash() {
+        let mut b = blob();
+        // struct outer's anonymous member (type 3, the union) now points at outer (type 4).
+        let types_at = 24;
+        let words: Vec<u32> = b[types_at..]
+            .chunks(4)
+            .take_while(|c| c.len() == 4)
+            .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+            .collect();
+        let at = words.iter().rposition(|&w| w == 3).unwrap();
+        b[types_at + at * 4..types_at + at * 4 + 4].copy_from_slice(&4u32.to_ne_bytes());
+        let btf = Btf::parse(&b).unwrap();
+        assert!(matches!(
+            btf.offset("outer", &["nope"]),
+            Err(BtfError::NoMember { .. })
+        ));
+    }
+
+    /// The BTF fuzz target starts from this blob (`UPDATE_SEEDS=1` rewrites it).
+    #[test]
+    fn the_fuzz_seed_is_this_blob() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/btf/tiny.btf");
+        if std::env::var_os("UPDATE_SEEDS").is_some() {
+            std::fs::write(path, blob()).unwrap();
+        }
+        assert_eq!(
+            std::fs::read(path).unwrap(),
+            blob(),
+            "{path}: UPDATE_SEEDS=1"
         );
     }
 
