@@ -19,8 +19,22 @@ commands:
   run [ARGS...]    setup, build, run `tcpstate agent ARGS...` (default: all interfaces, port 10610)
   test             setup, build, fmt and clippy checks, every unit and integration test
   bench [ARGS...]  setup, build, run the churn benchmark (see `cargo xtask bench --help`)
+  fuzz [--seconds N] [TARGET...]
+                   run each fuzz target (agent/fuzz) for N seconds (default 60); `test` runs
+                   every target for 10 s
   gen-rules        write deploy/kubernetes/prometheusrule.yaml from deploy/prometheus/tcpstate-alerts.yml
 ";
+
+/// The fuzz targets in agent/fuzz: the decoders of bytes that come from outside the agent.
+const FUZZ_TARGETS: &[&str] = &[
+    "ring_record",
+    "tracefs_format",
+    "btf",
+    "api_request",
+    "config_file",
+];
+/// The cargo-fuzz release installed for them.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Debian packages the tests and the agent use: `ss` and `ip` (iproute2), `promtool` and
 /// `prometheus` (prometheus), `setpriv` (util-linux).
@@ -65,6 +79,7 @@ fn main() -> ExitCode {
             ))
         }),
         "gen-rules" => gen_rules(),
+        "fuzz" => setup().and_then(|env| fuzz_command(&env, rest)),
         // Internal: the benchmark's churn loop, run inside its network namespace.
         "churn-worker" => bench::worker(rest),
         // Internal: the busy-host scenario's connection holders, inside its namespace.
@@ -152,6 +167,9 @@ fn show(cmd: &Command) -> String {
 #[derive(Default)]
 struct BuildEnv {
     vars: Vec<(String, String)>,
+    /// The toolchain that builds the eBPF crate and the fuzz targets (`nightly`, or `stable`
+    /// with RUSTC_BOOTSTRAP=1).
+    toolchain: String,
 }
 
 impl BuildEnv {
@@ -181,6 +199,7 @@ fn setup() -> Result<BuildEnv> {
         benv.vars.push(("RUSTC_BOOTSTRAP".into(), "1".into()));
         "stable"
     };
+    benv.toolchain = toolchain.to_string();
     let sysroot = output(
         Command::new("rustc")
             .arg(format!("+{toolchain}"))
@@ -342,10 +361,115 @@ fn test(benv: &BuildEnv) -> Result {
         "--no-fail-fast",
     ]);
     let (passed, failed) = run_counting_tests(&mut cmd)?;
+    // A short bounded run of every fuzz target: each must build and survive its seeds and
+    // what it finds in 10 s.
+    let fuzzed = fuzz(benv, FUZZ_TARGETS, 10);
+    let (passed, failed) = match &fuzzed {
+        Ok(_) => (passed + FUZZ_TARGETS.len() as u64, failed),
+        Err(_) => (passed, failed + 1),
+    };
     // Cargo's last line is often a doc-test binary with nothing in it: close on the total.
     println!("tests: {passed} passed, {failed} failed");
+    fuzzed?;
     if passed == 0 {
         return Err("no test ran".into());
+    }
+    Ok(())
+}
+
+fn fuzz_command(benv: &BuildEnv, args: &[String]) -> Result {
+    let mut seconds = 60u64;
+    let mut targets: Vec<&str> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seconds" => {
+                seconds = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--seconds needs a whole number")?
+            }
+            t => match FUZZ_TARGETS.iter().find(|name| **name == t) {
+                Some(name) => targets.push(name),
+                None => {
+                    return Err(format!(
+                        "unknown fuzz target `{t}`: one of {}",
+                        FUZZ_TARGETS.join(", ")
+                    ));
+                }
+            },
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.to_vec();
+    }
+    fuzz(benv, &targets, seconds)
+}
+
+/// Runs each target for `seconds` with libFuzzer (cargo-fuzz, address sanitizer), from its
+/// seeds (agent/fuzz/seeds/TARGET, committed) and the corpus it grew so far
+/// (agent/fuzz/corpus/TARGET, not committed). A crash fails with the input's path; the
+/// figures go in a table.
+fn fuzz(benv: &BuildEnv, targets: &[&str], seconds: u64) -> Result {
+    let root = root();
+    if !output(Command::new("cargo").args(["fuzz", "--version"]))
+        .is_ok_and(|v| v.contains(CARGO_FUZZ_VERSION))
+    {
+        sh(Command::new("cargo").args([
+            "install",
+            "--locked",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        ]))?;
+    }
+    let dir = root.join("agent/fuzz");
+    let mut rows = Vec::new();
+    for target in targets {
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+        let mut cmd = Command::new("cargo");
+        benv.apply(&mut cmd)
+            .current_dir(&root)
+            .arg(format!("+{}", benv.toolchain))
+            .args(["fuzz", "run", "--fuzz-dir"])
+            .arg(&dir)
+            .arg(target)
+            .arg(&corpus)
+            .arg(dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-print_final_stats=1");
+        eprintln!("xtask: $ {}", show(&cmd));
+        let out = cmd
+            .stdout(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let stat = |name: &str| {
+            log.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        if !out.status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(format!(
+                "fuzz target {target} failed ({}):\n{}",
+                out.status,
+                tail.join("\n")
+            ));
+        }
+        rows.push((
+            target,
+            stat("stat::number_of_executed_units:"),
+            stat("stat::new_units_added:"),
+            std::fs::read_dir(&corpus).map_or(0, |d| d.count()),
+        ));
+    }
+    println!("| fuzz target | inputs tried | new inputs | corpus | crashes |");
+    println!("|---|---|---|---|---|");
+    for (target, runs, new, corpus) in rows {
+        println!("| {target} | {runs} | {new} | {corpus} | 0 |");
     }
     Ok(())
 }
