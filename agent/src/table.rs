@@ -86,7 +86,7 @@ pub const DEFAULT_DURATION_STATES: StateSet = StateSet::of(&[
 ]);
 
 /// Ports per role with duration histograms of their own, by default.
-pub const DEFAULT_HISTOGRAM_PORTS: usize = 16;
+pub const DEFAULT_HISTOGRAM_PORTS: usize = 8;
 
 /// States that make a port worth a slot: it listens, or has connections opening or open.
 const MATTERS: StateSet = StateSet::of(&[

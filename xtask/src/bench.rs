@@ -35,6 +35,7 @@ const HELP: &str =
                    the real agent at the end.
   AGENT_ARGS       extra flags for `tcpstate agent`, e.g. -- --ring-size 1MiB
 
+  TCPSTATE_BENCH_AGENT=PATH measures another build of the agent (e.g. an older one).
   TCPSTATE_BENCH_SMAPS=1 prints the agent's largest memory mappings at the end of the busy
   scenario (where its RSS is).
 ";
@@ -88,7 +89,8 @@ pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
     }
     let bench = Bench {
         xtask: std::env::current_exe().map_err(|e| e.to_string())?,
-        agent_bin: root.join("target/release/tcpstate"),
+        agent_bin: std::env::var_os("TCPSTATE_BENCH_AGENT")
+            .map_or_else(|| root.join("target/release/tcpstate"), Into::into),
         agent_args,
         connections,
     };
