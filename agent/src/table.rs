@@ -252,10 +252,6 @@ impl PortStats {
     fn holds_nothing(&self) -> bool {
         self.current.iter().all(|&n| n == 0)
     }
-
-    fn matters(&self) -> bool {
-        MATTERS.states().any(|s| self.current[s.index()] > 0)
-    }
 }
 
 /// A socket address in 20 bytes instead of `SocketAddr`'s 32: events and dumps build theirs
@@ -1005,7 +1001,14 @@ impl Table {
         closed_during: bool,
         plan: &mut Plan,
     ) {
-        let mut taken = vec![false; theirs.len()];
+        // Almost every group has one socket a side: no allocation for those.
+        let (mut few, mut many) = ([false; 8], Vec::new());
+        let taken: &mut [bool] = if theirs.len() <= few.len() {
+            &mut few[..theirs.len()]
+        } else {
+            many.resize(theirs.len(), false);
+            &mut many
+        };
         for &(_, since, sock) in mine {
             let conn = &self.conns[&sock];
             let found = theirs.iter().enumerate().position(|(n, (_, k))| {
@@ -1257,7 +1260,7 @@ impl Table {
         let victim = self
             .stats
             .iter()
-            .filter(|((r, k), s)| *r == role && !k.is_other() && s.holds_nothing() && !s.matters())
+            .filter(|((r, k), s)| *r == role && !k.is_other() && s.holds_nothing())
             .min_by_key(|(_, s)| s.last_active_ns)
             .map(|(k, _)| *k);
         let Some((role, key)) = victim else {
