@@ -169,15 +169,23 @@ impl Btf {
     /// Byte offset and type of `member` in struct/union `id`, searching anonymous members too
     /// (at most `MAX_ANON_DEPTH` deep: a malformed blob may make a struct contain itself).
     fn member(&self, id: u32, member: &str) -> Option<(u32, u32)> {
-        self.member_within(id, member, MAX_ANON_DEPTH)
+        let mut budget = MAX_MEMBERS_VISITED;
+        self.member_within(id, member, MAX_ANON_DEPTH, &mut budget)
     }
 
-    fn member_within(&self, id: u32, member: &str, depth: u32) -> Option<(u32, u32)> {
+    fn member_within(
+        &self,
+        id: u32,
+        member: &str,
+        depth: u32,
+        budget: &mut u32,
+    ) -> Option<(u32, u32)> {
         let t = self.types.get(self.resolve(id) as usize)?;
         if !matches!(t.kind, KIND_STRUCT | KIND_UNION) {
             return None;
         }
         for &(name_off, ty, off) in &t.members {
+            *budget = budget.checked_sub(1)?;
             let bits = if t.kflag { off & 0x00ff_ffff } else { off };
             let name = self.name(name_off);
             if name == member {
@@ -185,7 +193,7 @@ impl Btf {
             }
             if name.is_empty()
                 && depth > 0
-                && let Some((inner, ty)) = self.member_within(ty, member, depth - 1)
+                && let Some((inner, ty)) = self.member_within(ty, member, depth - 1, budget)
             {
                 return Some(((bits / 8).checked_add(inner)?, ty));
             }
@@ -215,6 +223,10 @@ impl Btf {
 
 /// Anonymous structs and unions nested in one another: the kernel's run two or three deep.
 const MAX_ANON_DEPTH: u32 = 16;
+/// Members one search may look at: `struct sock` with its anonymous members has a few hundred,
+/// while a malformed blob whose anonymous members point back at their struct would make the
+/// search exponential (found by the btf fuzz target).
+const MAX_MEMBERS_VISITED: u32 = 1 << 16;
 
 /// Where the network namespace inode of a socket is: `*(sock + net) + inum`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -321,6 +333,38 @@ mod tests {
             btf.offset("outer", &["nope"]),
             Err(BtfError::NoMember { .. })
         ));
+    }
+
+    /// Also found by the fuzz target: many anonymous members pointing back at their struct
+    /// made the bounded-depth search exponential.
+    #[test]
+    fn a_struct_of_many_anonymous_self_references_is_searched_quickly() {
+        let strings = b"\0outer\0".to_vec();
+        let mut types: Vec<u32> = Vec::new();
+        // 1: struct outer { <anon> outer; x 64 }: every member anonymous, all of type 1.
+        types.extend([1, KIND_STRUCT << 24 | 64, 8]);
+        for _ in 0..64 {
+            types.extend([0, 1, 0]);
+        }
+        let type_bytes: Vec<u8> = types.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut b = Vec::new();
+        b.extend(0xeb9fu16.to_ne_bytes());
+        b.extend([1u8, 0]);
+        for v in [
+            24u32,
+            0,
+            type_bytes.len() as u32,
+            type_bytes.len() as u32,
+            strings.len() as u32,
+        ] {
+            b.extend(v.to_ne_bytes());
+        }
+        b.extend(type_bytes);
+        b.extend(strings);
+        let btf = Btf::parse(&b).unwrap();
+        let started = std::time::Instant::now();
+        assert!(btf.offset("outer", &["nope"]).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     /// The BTF fuzz target starts from this blob (`UPDATE_SEEDS=1` rewrites it).
