@@ -440,11 +440,8 @@ pub struct Table {
     stats: FxHashMap<(Role, PortKey), Box<PortStats>>,
     /// Ports holding a slot, per role.
     slots: [usize; 2],
-    /// Ports with histograms of their own, per role.
-    hist_slots: [usize; 2],
     max_ports: usize,
-    max_hist_ports: usize,
-    duration_states: StateSet,
+    durations: Durations,
     /// Aggregate per network namespace (`--per-netns`).
     per_netns: bool,
     /// Events carry the socket's namespace (the BTF offsets were found): match on it.
@@ -473,10 +470,54 @@ pub struct Table {
 /// The kernel's default `net.ipv4.ip_local_port_range`.
 pub const DEFAULT_EPHEMERAL: RangeInclusive<u16> = 32768..=60999;
 
-/// A state's duration or a lifetime to observe once the borrows of `apply` are released.
+/// A state's duration or a lifetime, in ns.
 enum Observe {
     State(TcpState, u64),
     Lifetime(u64),
+}
+
+impl Observe {
+    fn record_in(self, stats: &mut PortStats) {
+        match self {
+            Observe::State(state, ns) => stats.state_durations[state.index()].observe_ns(ns),
+            Observe::Lifetime(ns) => stats.lifetimes.observe_ns(ns),
+        }
+    }
+}
+
+/// Which durations are observed, and which ports have histograms of their own.
+struct Durations {
+    /// Ports with histograms of their own, per role.
+    slots: [usize; 2],
+    max_ports: usize,
+    states: StateSet,
+}
+
+impl Durations {
+    /// Observes into the port's own histograms when it has (or can get) them; otherwise
+    /// returns the observation, for its role's `other`. States outside `states` are dropped.
+    fn observe(
+        &mut self,
+        stats: &mut PortStats,
+        role: Role,
+        key: PortKey,
+        what: Observe,
+    ) -> Option<Observe> {
+        if let Observe::State(state, _) = what
+            && !self.states.contains(state)
+        {
+            return None;
+        }
+        if !stats.histograms && !key.is_other() {
+            if self.slots[role.idx()] >= self.max_ports {
+                return Some(what);
+            }
+            stats.histograms = true;
+            self.slots[role.idx()] += 1;
+        }
+        what.record_in(stats);
+        None
+    }
 }
 
 impl Table {
@@ -486,10 +527,12 @@ impl Table {
             conns: FxHashMap::default(),
             stats: FxHashMap::default(),
             slots: [0; 2],
-            hist_slots: [0; 2],
             max_ports,
-            max_hist_ports: DEFAULT_HISTOGRAM_PORTS,
-            duration_states: DEFAULT_DURATION_STATES,
+            durations: Durations {
+                slots: [0; 2],
+                max_ports: DEFAULT_HISTOGRAM_PORTS,
+                states: DEFAULT_DURATION_STATES,
+            },
             per_netns: false,
             netns_in_events: false,
             overflow_reported: [false; 2],
@@ -521,13 +564,13 @@ impl Table {
 
     /// Ports per role with duration histograms of their own.
     pub fn histogram_ports(mut self, n: usize) -> Self {
-        self.max_hist_ports = n;
+        self.durations.max_ports = n;
         self
     }
 
     /// The states whose durations are observed.
     pub fn duration_states(mut self, states: StateSet) -> Self {
-        self.duration_states = states;
+        self.durations.states = states;
         self
     }
 
@@ -624,14 +667,17 @@ impl Table {
         }
     }
 
-    /// A transition of a socket in the table.
+    /// A transition of a socket in the table. One lookup of the port's aggregate per
+    /// transition: a duration for a port without histograms of its own goes to `other` after.
     fn apply_known(&mut self, t: &Transition) {
         let conn = self.conns.get_mut(&t.sock).expect("checked");
+        let (role, key) = (conn.role, conn.key);
         let stats = self
             .stats
-            .get_mut(&(conn.role, conn.key))
+            .get_mut(&(role, key))
             .expect("every tracked connection has its aggregate");
         stats.last_active_ns = stats.last_active_ns.max(t.ts_ns);
+        stats.transitions[t.old.index()][t.new.index()] += 1;
         if conn.state != t.old {
             self.counters.state_mismatches += 1;
         }
@@ -639,7 +685,6 @@ impl Table {
             // A self-transition: close() of a socket already in FIN_WAIT2 sets the state
             // again. A transition the kernel made, but the socket stays where it was: no
             // duration, no new entry time, and a lingering socket goes on lingering.
-            stats.transitions[t.old.index()][t.new.index()] += 1;
             return;
         }
         if conn.lingering {
@@ -655,25 +700,23 @@ impl Table {
         // From here on the time in state is exact.
         stats.remove(conn.state, conn.seeded);
         conn.seeded = false;
-        stats.transitions[t.old.index()][t.new.index()] += 1;
         // The program's own clock is authoritative; fall back to ours if its entry was
         // evicted, but only when we know the socket was in that state.
         let spent = t
             .prev_state_ns
             .or_else(|| (conn.state == t.old).then(|| t.ts_ns.saturating_sub(conn.since_ns)));
-        let (role, key) = (conn.role, conn.key);
+        let mut fold = [None, None];
         if let Some(ns) = spent {
-            self.observe(role, key, Observe::State(t.old, ns));
+            fold[0] = self
+                .durations
+                .observe(stats, role, key, Observe::State(t.old, ns));
         }
         if t.new == TcpState::Close {
-            let conn = self.conns.remove(&t.sock).expect("present");
             if conn.opened_ns != 0 && !conn.listener {
-                self.observe(
-                    role,
-                    key,
-                    Observe::Lifetime(t.ts_ns.saturating_sub(conn.opened_ns)),
-                );
+                let life = Observe::Lifetime(t.ts_ns.saturating_sub(conn.opened_ns));
+                fold[1] = self.durations.observe(stats, role, key, life);
             }
+            let conn = self.conns.remove(&t.sock).expect("present");
             if conn.listener {
                 self.unlisten(conn.netns, conn.local.port());
             }
@@ -682,27 +725,26 @@ impl Table {
             }
             let tuple = self.tuple(conn.netns, conn.local, conn.remote);
             self.recent_closes.push_back((digest(&tuple), t.ts_ns));
-            return;
+        } else {
+            stats.add(t.new, false);
+            conn.state = t.new;
+            conn.since_ns = t.ts_ns;
+            // Half-built tuples (port 0) appear in the open events; keep what we know.
+            let was_complete = complete(conn);
+            if t.local.port() != 0 {
+                conn.local = t.local.into();
+            }
+            if t.remote.port() != 0 {
+                conn.remote = t.remote.into();
+            }
+            if !was_complete && complete(conn) {
+                let (netns, local, remote) = (conn.netns, conn.local, conn.remote);
+                let tuple = self.tuple(netns, local, remote);
+                self.drop_seeded_twin(&tuple);
+            }
         }
-        let conn = self.conns.get_mut(&t.sock).expect("present");
-        self.stats
-            .get_mut(&(role, key))
-            .expect("aggregate")
-            .add(t.new, false);
-        conn.state = t.new;
-        conn.since_ns = t.ts_ns;
-        // Half-built tuples (port 0) appear in the open events; keep what we know.
-        let was_complete = complete(conn);
-        if t.local.port() != 0 {
-            conn.local = t.local.into();
-        }
-        if t.remote.port() != 0 {
-            conn.remote = t.remote.into();
-        }
-        if !was_complete && complete(conn) {
-            let (netns, local, remote) = (conn.netns, conn.local, conn.remote);
-            let tuple = self.tuple(netns, local, remote);
-            self.drop_seeded_twin(&tuple);
+        for what in fold.into_iter().flatten() {
+            self.observe_other(role, key, what);
         }
     }
 
@@ -729,18 +771,23 @@ impl Table {
         let stats = self.stats.entry((role, key)).or_default();
         stats.last_active_ns = stats.last_active_ns.max(t.ts_ns);
         stats.transitions[t.old.index()][t.new.index()] += 1;
+        let mut fold = None;
         if open.is_none()
             && let Some(ns) = t.prev_state_ns
         {
-            self.observe(role, key, Observe::State(t.old, ns));
+            fold = self
+                .durations
+                .observe(stats, role, key, Observe::State(t.old, ns));
+        }
+        if t.new != TcpState::Close {
+            stats.add(t.new, false);
+        }
+        if let Some(what) = fold {
+            self.observe_other(role, key, what);
         }
         if t.new == TcpState::Close {
             return;
         }
-        self.stats
-            .get_mut(&(role, key))
-            .expect("just made")
-            .add(t.new, false);
         if listener {
             *self
                 .listening
@@ -772,29 +819,10 @@ impl Table {
         self.conns.insert(t.sock, conn);
     }
 
-    /// Observes a duration into the port's own histograms when it has (or can get) them, else
-    /// into its role's `other`. States outside `duration_states` are not observed.
-    fn observe(&mut self, role: Role, key: PortKey, what: Observe) {
-        if let Observe::State(state, _) = what
-            && !self.duration_states.contains(state)
-        {
-            return;
-        }
-        let own = match self.stats.get_mut(&(role, key)) {
-            Some(s) if s.histograms || key.is_other() => true,
-            Some(s) if self.hist_slots[role.idx()] < self.max_hist_ports => {
-                s.histograms = true;
-                self.hist_slots[role.idx()] += 1;
-                true
-            }
-            _ => false,
-        };
-        let target = if own { key } else { key.other() };
-        let stats = self.stats.entry((role, target)).or_default();
-        match what {
-            Observe::State(state, ns) => stats.state_durations[state.index()].observe_ns(ns),
-            Observe::Lifetime(ns) => stats.lifetimes.observe_ns(ns),
-        }
+    /// Observes a duration of a port without histograms of its own into its role's `other`.
+    fn observe_other(&mut self, role: Role, key: PortKey, what: Observe) {
+        let other = self.stats.entry((role, key.other())).or_default();
+        what.record_in(other);
     }
 
     /// A dump that ran while a socket opened may have added it already, before the socket's own
@@ -884,7 +912,7 @@ impl Table {
         {
             self.slots[role.idx()] -= 1;
             if s.histograms {
-                self.hist_slots[role.idx()] -= 1;
+                self.durations.slots[role.idx()] -= 1;
             }
         }
     }
