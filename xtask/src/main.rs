@@ -422,7 +422,8 @@ fn fuzz(benv: &BuildEnv, targets: &[&str], seconds: u64) -> Result {
         ]))?;
     }
     let dir = root.join("agent/fuzz");
-    let mut rows = Vec::new();
+    println!("| fuzz target | seconds | inputs tried | new inputs | corpus | crashes or hangs |");
+    println!("|---|---|---|---|---|---|");
     for target in targets {
         let corpus = dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
@@ -437,6 +438,8 @@ fn fuzz(benv: &BuildEnv, targets: &[&str], seconds: u64) -> Result {
             .arg(dir.join("seeds").join(target))
             .arg("--")
             .arg(format!("-max_total_time={seconds}"))
+            // An input that takes this long is a hang, and fails the run like a crash.
+            .arg("-timeout=10")
             .arg("-print_final_stats=1");
         eprintln!("xtask: $ {}", show(&cmd));
         let out = cmd
@@ -459,17 +462,12 @@ fn fuzz(benv: &BuildEnv, targets: &[&str], seconds: u64) -> Result {
                 tail.join("\n")
             ));
         }
-        rows.push((
-            target,
+        println!(
+            "| {target} | {seconds} | {} | {} | {} | 0 |",
             stat("stat::number_of_executed_units:"),
             stat("stat::new_units_added:"),
             std::fs::read_dir(&corpus).map_or(0, |d| d.count()),
-        ));
-    }
-    println!("| fuzz target | inputs tried | new inputs | corpus | crashes |");
-    println!("|---|---|---|---|---|");
-    for (target, runs, new, corpus) in rows {
-        println!("| {target} | {runs} | {new} | {corpus} | 0 |");
+        );
     }
     Ok(())
 }
