@@ -313,8 +313,20 @@ socket = "/tmp/x.sock"
 tracefs = "/sys/kernel/tracing"
 log_level = "debug"
 log_format = "json"
+port_retire_after = "10m"
+histogram_ports = 2
+duration_states = ["close_wait", "FIN-WAIT-2"]
 "#;
         let cfg = load_text(text, &NoFlags).unwrap();
+        assert_eq!(cfg.port_retire_after, Duration::from_secs(600));
+        assert_eq!(cfg.histogram_ports, 2);
+        assert_eq!(
+            cfg.duration_states,
+            crate::table::StateSet::of(&[
+                tcpstate_common::TcpState::CloseWait,
+                tcpstate_common::TcpState::FinWait2
+            ])
+        );
         assert_eq!(cfg.listen, "127.0.0.1:9999".parse().unwrap());
         assert_eq!(
             (cfg.max_ports, cfg.ring_bytes, cfg.max_sockets),
@@ -375,6 +387,9 @@ log_format = "json"
             ("close_wait_after = \"soon\"\n", "close_wait_after", 1),
             ("log_format = \"xml\"\n", "log_format", 1),
             ("max_sockets = 10\n", "max_sockets", 1),
+            ("\nduration_states = [\"napping\"]\n", "duration_states", 2),
+            ("histogram_ports = -1\n", "histogram_ports", 1),
+            ("port_retire_after = \"0s\"\n", "port_retire_after", 1),
         ] {
             let e = load_text(text, &NoFlags).unwrap_err();
             assert_eq!((e.key.as_str(), e.line), (key, line), "{text}: {e}");

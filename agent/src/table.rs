@@ -46,8 +46,17 @@ fn complete(c: &Conn) -> bool {
 pub const STATES: usize = 12;
 
 /// A set of states, one bit per [`TcpState::index`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct StateSet(u16);
+
+/// As `--check-config` shows it: `["syn_sent", "established"]`.
+impl std::fmt::Debug for StateSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.states().map(|s| s.label()))
+            .finish()
+    }
+}
 
 impl StateSet {
     pub const fn of(states: &[TcpState]) -> StateSet {
