@@ -111,6 +111,18 @@ mod tests {
         ev
     }
 
+    /// The ring_record fuzz target starts from this record (`UPDATE_SEEDS=1` rewrites it).
+    #[test]
+    fn the_fuzz_seed_is_this_record() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/ring_record/v4.bin");
+        if std::env::var_os("UPDATE_SEEDS").is_some() {
+            std::fs::write(path, encode(&v4_event())).unwrap();
+        }
+        let seed = std::fs::read(path).unwrap();
+        assert_eq!(seed, encode(&v4_event()), "{path}: UPDATE_SEEDS=1");
+        assert!(decode(&seed).is_ok());
+    }
+
     #[test]
     fn decodes_ipv4() {
         let t = decode(&encode(&v4_event())).unwrap();

@@ -407,8 +407,8 @@ fn fuzz_command(benv: &BuildEnv, args: &[String]) -> Result {
 }
 
 /// Runs each target for `seconds` with libFuzzer (cargo-fuzz, address sanitizer), from its
-/// seeds (agent/fuzz/seeds/TARGET, committed) and the corpus it grew so far
-/// (agent/fuzz/corpus/TARGET, not committed). A crash fails with the input's path; the
+/// seeds (agent/fuzz/seeds/TARGET, committed; every target has at least one) and the corpus it
+/// grew so far (agent/fuzz/corpus/TARGET, not committed). A crash fails with the input's path; the
 /// figures go in a table.
 fn fuzz(benv: &BuildEnv, targets: &[&str], seconds: u64) -> Result {
     let root = root();
@@ -427,6 +427,16 @@ fn fuzz(benv: &BuildEnv, targets: &[&str], seconds: u64) -> Result {
     for target in targets {
         let corpus = dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+        // libFuzzer rewrites and deletes inputs in the folders it is given: it gets copies of
+        // the committed seeds, never the seeds themselves.
+        let seeds = dir.join("seeds").join(target);
+        for seed in std::fs::read_dir(&seeds)
+            .map_err(|e| format!("{}: {e}", seeds.display()))?
+            .flatten()
+        {
+            let copy = corpus.join(format!("seed-{}", seed.file_name().to_string_lossy()));
+            std::fs::copy(seed.path(), &copy).map_err(|e| format!("{}: {e}", copy.display()))?;
+        }
         let mut cmd = Command::new("cargo");
         benv.apply(&mut cmd)
             .current_dir(&root)
@@ -435,7 +445,6 @@ fn fuzz(benv: &BuildEnv, targets: &[&str], seconds: u64) -> Result {
             .arg(&dir)
             .arg(target)
             .arg(&corpus)
-            .arg(dir.join("seeds").join(target))
             .arg("--")
             .arg(format!("-max_total_time={seconds}"))
             // An input that takes this long is a hang, and fails the run like a crash.
