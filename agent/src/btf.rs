@@ -277,6 +277,11 @@ mod tests {
         // 4: struct outer { x @0, <anon> @64 bits }
         types.extend([s("outer"), KIND_STRUCT << 24 | 2, 16]);
         types.extend([s("x"), 1, 0, 0, 3, 64]);
+        assemble(&types, &strings)
+    }
+
+    /// A BTF blob of these type words and strings: header, types, strings.
+    fn assemble(types: &[u32], strings: &[u8]) -> Vec<u8> {
         let type_bytes: Vec<u8> = types.iter().flat_map(|v| v.to_ne_bytes()).collect();
         let mut out = Vec::new();
         out.extend(0xeb9fu16.to_ne_bytes());
@@ -339,28 +344,12 @@ mod tests {
     /// made the bounded-depth search exponential.
     #[test]
     fn a_struct_of_many_anonymous_self_references_is_searched_quickly() {
-        let strings = b"\0outer\0".to_vec();
-        let mut types: Vec<u32> = Vec::new();
-        // 1: struct outer { <anon> outer; x 64 }: every member anonymous, all of type 1.
-        types.extend([1, KIND_STRUCT << 24 | 64, 8]);
+        // 1: struct outer, 64 members, every one anonymous and of type outer itself.
+        let mut types: Vec<u32> = vec![1, KIND_STRUCT << 24 | 64, 8];
         for _ in 0..64 {
             types.extend([0, 1, 0]);
         }
-        let type_bytes: Vec<u8> = types.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let mut b = Vec::new();
-        b.extend(0xeb9fu16.to_ne_bytes());
-        b.extend([1u8, 0]);
-        for v in [
-            24u32,
-            0,
-            type_bytes.len() as u32,
-            type_bytes.len() as u32,
-            strings.len() as u32,
-        ] {
-            b.extend(v.to_ne_bytes());
-        }
-        b.extend(type_bytes);
-        b.extend(strings);
+        let b = assemble(&types, b"\0outer\0");
         let btf = Btf::parse(&b).unwrap();
         let started = std::time::Instant::now();
         assert!(btf.offset("outer", &["nope"]).is_err());
