@@ -1,5 +1,5 @@
 //! Builds the eBPF program (`ebpf/`) for the bpf target with the nightly toolchain and leaves the
-//! object in `OUT_DIR/tcpstate-ebpf`, where `src/bpf.rs` embeds it.
+//! object in `OUT_DIR/tcpstate-ebpf`, where `src/kernel/probe.rs` embeds it.
 //!
 //! `TCPSTATE_EBPF_TOOLCHAIN` names another rustup toolchain (for example `stable` together with
 //! `RUSTC_BOOTSTRAP=1`, on a machine without nightly). `cargo xtask setup` installs what is needed.

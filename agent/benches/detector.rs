@@ -2,28 +2,20 @@
 //! applying events while it looks. Run by `cargo xtask bench`.
 use std::time::{Duration, Instant};
 
-use tcpstate::alerts::{Detector, Thresholds};
-use tcpstate::decode::Transition;
-use tcpstate::table::{DEFAULT_EPHEMERAL, Table};
+use tcpstate::model::event::Transition;
+use tcpstate::model::linger::{Detector, Thresholds};
+use tcpstate::model::table::{DEFAULT_EPHEMERAL, Table};
+use tcpstate::testing;
 use tcpstate_common::TcpState::{self, *};
 
 const SOCKETS: u64 = 100_000;
 const S: u64 = 1_000_000_000;
 
+/// A server-side transition of socket `sock` on one of 16 ports.
 fn tr(sock: u64, ts: u64, old: TcpState, new: TcpState) -> Transition {
-    Transition {
-        ts_ns: ts,
-        sock,
-        prev_state_ns: None,
-        local: format!("10.0.0.2:{}", 8000 + sock % 16).parse().unwrap(),
-        remote: format!("10.0.0.1:{}", 32768 + sock % 20000)
-            .parse()
-            .unwrap(),
-        old,
-        new,
-        netns: 0,
-        pid: 0,
-    }
+    let local = format!("10.0.0.2:{}", 8000 + sock % 16);
+    let remote = format!("10.0.0.1:{}", 32768 + sock % 20000);
+    testing::tr(sock, ts, old, new, &local, &remote).with_pid(0)
 }
 
 /// 100k server sockets: one in ten in CLOSE_WAIT since t=0, the rest ESTABLISHED.

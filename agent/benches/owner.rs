@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashSet;
-use tcpstate::owner;
+use tcpstate::kernel::procfs as owner;
 
 const PROCESSES: usize = 2_000;
 

@@ -1,38 +1,41 @@
-//! tcpstate: every TCP state transition on a host, per service port, as Prometheus metrics.
+//! tcpstate: every TCP state transition on a host, per service port, as Prometheus metrics,
+//! lingering `CLOSE_WAIT`/`FIN_WAIT_2` connections as alerts, and a local API for the CLI.
 //!
-//! Data flows one way:
+//! Data flows one way, through four layers (folders), each using only those before it:
 //!
 //! ```text
-//! ebpf (tracepoint) -> ring buffer -> reader -> decode -> table -> metrics -> http
+//!  kernel                     engine                               serve
+//!  ──────                     ──────                               ─────
+//!  eBPF program (tracepoint)
+//!    └─ ring buffer ─> ring reader ─> batches ─> table task ─┬─ View ──> metrics ─> HTTP /metrics
+//!                      (decode)                   (model:    ├─ Conns ─> API server ─> tcpstate CLI
+//!  sock_diag dumps ─> reconcile task ─ dump ────> table,     └─ every transition ─> API `watch`
+//!   (every namespace,  (on an interval, sooner     linger
+//!    seed + repair)     after a kernel loss)       detector) ─ crossings ─> alert log (owners
+//!                                                                             from /proc)
 //! ```
 //!
-//! - [`tracefs`] finds tracefs and reads the tracepoint's field offsets, handed to the program.
-//! - [`bpf`] loads and attaches the program and owns its maps.
-//! - [`reader`] drains the ring buffer without blocking and counts what it cannot deliver.
-//! - [`decode`] turns ring records into [`decode::Transition`]s, pure and length-checked.
-//! - [`table`] is the connection table and per-port aggregates, owned by one task, no I/O.
-//! - [`sockdiag`] dumps every TCP socket of every namespace: seeding, repair, timewait.
-//! - [`alerts`] finds connections lingering in CLOSE_WAIT or FIN_WAIT2, on a timer.
-//! - [`metrics`] builds the Prometheus families from a table snapshot at scrape time.
-//! - [`http`] serves them; [`apiserver`] answers the local API ([`api`]) that the CLI
-//!   ([`client`]) uses; [`daemon`] wires it all and handles shutdown.
-pub mod alerts;
-pub mod api;
-pub mod apiserver;
-pub mod bpf;
-pub mod btf;
+//! - [`model`] is pure: transitions and dumped sockets ([`model::event`]), the connection
+//!   table and per-port aggregates ([`model::table`]), the linger detector
+//!   ([`model::linger`]) and the queries the servers make ([`model::query`]).
+//! - [`kernel`] is the only code that touches the kernel: privileges, tracefs, BTF, the
+//!   program (aya), the ring buffer, sock_diag (netlink) and /proc.
+//! - [`engine`] runs the tokio tasks that own running state; the servers reach them only
+//!   through [`engine::handle`].
+//! - [`serve`] has the two servers, which never import each other: HTTP with the Prometheus
+//!   exposition, and the Unix API.
+//! - [`agent`] wires the layers, starts and stops them. [`config`] holds the validated settings
+//!   (flags and file); [`cli`] is the client side, speaking only the API protocol. [`args`] is
+//!   the command line of the binary, [`clock`] the kernel's clock.
+pub mod agent;
+pub mod args;
 pub mod cli;
-pub mod client;
+pub mod clock;
 pub mod config;
-pub mod configfile;
-pub mod daemon;
-pub mod decode;
-pub mod http;
-pub mod memory;
-pub mod metrics;
-pub mod owner;
-pub mod privileges;
-pub mod reader;
-pub mod sockdiag;
-pub mod table;
-pub mod tracefs;
+pub mod engine;
+pub mod kernel;
+mod memory;
+pub mod model;
+pub mod serve;
+#[doc(hidden)]
+pub mod testing;

@@ -22,7 +22,7 @@ const TRIM_THRESHOLD: i32 = 2 << 20;
 const ARENA_MAX: i32 = 2;
 
 /// Applies the settings above; call before any thread starts. A no-op on other C libraries.
-pub fn tune_allocator() {
+pub(crate) fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes malloc's parameters; called before other threads exist.
     unsafe {

@@ -6,13 +6,13 @@
 //! namespace of its own so its TIME_WAIT sockets and port range touch nothing else. Rounds
 //! without and with the agent are interleaved; the report gives the median throughput ratio,
 //! the agent's CPU seconds per million transitions, losses, and peak RSS.
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Result, output, sh};
+use crate::{Result, harness, output, sh};
 
 const NETNS: &str = "tcpstate-bench";
 const CHURN_PORT: u16 = 7900;
@@ -137,6 +137,15 @@ fn churn_scenario(
     bench.churn(connections / 4)?;
 
     let m = bench.measure(rounds)?;
+    report_churn(&m, connections, rounds);
+    if breakdown {
+        report_breakdown(bench, &m, rounds, rebuild)?;
+    }
+    Ok(())
+}
+
+/// The churn figures of the real program.
+fn report_churn(m: &Measurement, connections: u64, rounds: usize) {
     let expected = connections * rounds as u64 * 10;
     let transitions = m.events.max(1);
     println!("## churn benchmark: {connections} connections x {rounds} rounds per side");
@@ -178,8 +187,12 @@ fn churn_scenario(
         "| agent peak RSS | {:.1} MiB |",
         m.peak_rss_kib as f64 / 1024.0
     );
+}
 
-    if breakdown {
+/// Rebuilds the program with each part left out in turn, measures each, and rebuilds the real
+/// one at the end, whatever happens.
+fn report_breakdown(bench: &Bench, m: &Measurement, rounds: usize, rebuild: Rebuild) -> Result {
+    {
         // Whatever happens, leave the real agent behind.
         struct Restore<'a>(Rebuild<'a>);
         impl Drop for Restore<'_> {
@@ -293,8 +306,12 @@ impl Bench {
             m.cpu_s += cpu1 - cpu0;
             m.events +=
                 metric(&after, "tcpstate_events_total") - metric(&before, "tcpstate_events_total");
-            m.lost_kernel += metric(&after, "tcpstate_events_lost_total{stage=\"kernel\"}");
-            m.lost_agent += metric(&after, "tcpstate_events_lost_total{stage=\"agent\"}");
+            let lost = |stage| {
+                harness::value(&after, "tcpstate_events_lost_total", &[("stage", stage)])
+                    .unwrap_or(0.0) as u64
+            };
+            m.lost_kernel += lost("kernel");
+            m.lost_agent += lost("agent");
             eprintln!(
                 "bench: round {}: without {:.0} conn/s, with {:.0} conn/s",
                 round + 1,
@@ -353,61 +370,32 @@ impl Drop for NetnsGuard {
     }
 }
 
-pub(crate) struct Agent {
-    child: Child,
-}
+/// The agent under measurement: the shared harness, plus what only benchmarks read.
+pub(crate) struct Agent(harness::Agent);
 
 impl Agent {
+    /// Starts the agent and waits until it is ready (attached, and the first sock_diag dump
+    /// seeded the table): the rounds measure its steady state, not its start.
     pub(crate) fn start(bin: &Path, extra: &[String]) -> Result<Agent> {
-        let child = Command::new(bin)
-            .args(["agent", "--listen", AGENT_LISTEN, "--log-level", "warn"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let mut agent = Agent { child };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Some(status) = agent.child.try_wait().map_err(|e| e.to_string())? {
-                return Err(format!("the agent exited during start: {status}"));
-            }
-            // Ready: attached, and the first sock_diag dump (seeding) is done. The rounds
-            // measure the agent's steady state, not its start.
-            if agent.get("/readyz").is_ok_and(|(status, _)| status == 200) {
-                return Ok(agent);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Err("the agent was not ready (/readyz) within 15 s".into())
+        let mut args = vec!["--log-level", "warn"];
+        args.extend(extra.iter().map(String::as_str));
+        harness::Agent::start(
+            bin,
+            AGENT_LISTEN,
+            &args,
+            Stdio::inherit(),
+            harness::Ready::Seeded,
+            Duration::from_secs(15),
+        )
+        .map(Agent)
     }
 
     pub(crate) fn metrics(&self) -> Result<String> {
-        match self.get("/metrics")? {
-            (200, body) => Ok(body),
-            (status, _) => Err(format!("/metrics answered {status}")),
-        }
-    }
-
-    /// Status and body of an HTTP/1.0 GET to the agent.
-    fn get(&self, path: &str) -> Result<(u16, String)> {
-        let mut s = TcpStream::connect(AGENT_LISTEN).map_err(|e| e.to_string())?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-        let (head, body) = reply
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| "malformed HTTP reply".to_string())?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("malformed HTTP status line in `{head}`"))?;
-        Ok((status, body.to_string()))
+        self.0.metrics()
     }
 
     pub(crate) fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.pid()))
             .map_err(|e| e.to_string())?;
         // Fields after the command name, which is in parentheses and may contain spaces.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -421,7 +409,7 @@ impl Agent {
 
     /// Run time and run count of the agent's eBPF program, from its fd's fdinfo.
     fn program_run_time(&self) -> (u64, u64) {
-        let dir = format!("/proc/{}/fdinfo", self.child.id());
+        let dir = format!("/proc/{}/fdinfo", self.0.pid());
         let Ok(entries) = std::fs::read_dir(dir) else {
             return (0, 0);
         };
@@ -446,7 +434,7 @@ impl Agent {
     /// The agent's 15 largest mappings by RSS, to stderr.
     pub(crate) fn print_smaps(&self) {
         let text =
-            std::fs::read_to_string(format!("/proc/{}/smaps", self.child.id())).unwrap_or_default();
+            std::fs::read_to_string(format!("/proc/{}/smaps", self.0.pid())).unwrap_or_default();
         let mut cur = String::new();
         let mut rows = Vec::new();
         for l in text.lines() {
@@ -469,7 +457,7 @@ impl Agent {
 
     /// A KiB figure of /proc/PID/status, e.g. `VmRSS:`.
     pub(crate) fn status_kib(&self, field: &str) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.pid()))
             .map_err(|e| e.to_string())?;
         Ok(status
             .lines()
@@ -480,10 +468,8 @@ impl Agent {
     }
 
     pub(crate) fn stop(mut self) -> Result {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let status = self.child.wait().map_err(|e| e.to_string())?;
+        self.0.signal("TERM")?;
+        let status = self.0.wait_exit(Duration::from_secs(10))?;
         if !status.success() {
             return Err(format!("the agent exited with {status} on SIGTERM"));
         }
@@ -491,11 +477,9 @@ impl Agent {
     }
 }
 
+/// The value of an unlabelled series; 0 when absent.
 pub(crate) fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    harness::value(text, name, &[]).unwrap_or(0.0) as u64
 }
 
 pub(crate) fn median(v: &[f64]) -> f64 {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::Result;
 use crate::bench::{Agent, metric, num};
+use crate::harness::value;
 
 const NETNS: &str = "tcpstate-busy";
 /// 400 service ports, 7000..7399.
@@ -43,7 +44,28 @@ pub fn run(agent_bin: &std::path::Path, agent_args: &[String]) -> Result {
 
     let agent = Agent::start(agent_bin, agent_args)?;
     let rss_start = agent.status_kib("VmRSS:")?;
+    let (holders, leak) = load()?;
+    // A reconciliation that started after the burst counts its TIME_WAIT sockets.
+    let runs = metric(&agent.metrics()?, "tcpstate_reconciliations_total");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&agent.metrics()?, "tcpstate_reconciliations_total") < runs + 2 {
+        if Instant::now() > deadline {
+            return Err("no reconciliation within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let figures = measure(&agent, rss_start)?;
+    for h in holders {
+        h.finish()?;
+    }
+    leak.finish()?;
+    agent.stop()?;
+    figures.report();
+    Ok(())
+}
 
+/// Opens the load in the namespace: the held connections, the burst, the leak.
+fn load() -> Result<(Vec<Holder>, Holder)> {
     // 400 ports x 250 connections, opened while the agent runs.
     let started = Instant::now();
     let per_holder = PORTS / HOLDERS;
@@ -60,11 +82,10 @@ pub fn run(agent_bin: &std::path::Path, agent_args: &[String]) -> Result {
     for h in &mut holders {
         h.wait_ready()?;
     }
-    let opened = started.elapsed();
     eprintln!(
         "bench: busy host: {} connections on {PORTS} ports held ({:.1} s)",
         u32::from(PORTS) * CONNS_PER_PORT,
-        opened.as_secs_f64()
+        started.elapsed().as_secs_f64()
     );
     // The burst: the server closes first, so TIME_WAIT stays on the server's side; then its
     // listener exits.
@@ -83,47 +104,29 @@ pub fn run(agent_bin: &std::path::Path, agent_args: &[String]) -> Result {
     // A CLOSE_WAIT leak on a new port: the clients close, the server never does.
     let mut leak = Holder::spawn(&["leak", &LEAK_PORT.to_string(), &LEAK.to_string()])?;
     leak.wait_ready()?;
+    Ok((holders, leak))
+}
 
-    // A reconciliation that started after the burst counts its TIME_WAIT sockets.
-    let runs = metric(&agent.metrics()?, "tcpstate_reconciliations_total");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(&agent.metrics()?, "tcpstate_reconciliations_total") < runs + 2 {
-        if Instant::now() > deadline {
-            return Err("no reconciliation within 60 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+/// What the scenario measures.
+struct Figures {
+    text: String,
+    scrape_ms: Vec<f64>,
+    ss_time_wait: usize,
+    rss_start: u64,
+    rss: u64,
+    hwm: u64,
+    cpu: f64,
+}
 
-    let mut times = Vec::new();
+fn measure(agent: &Agent, rss_start: u64) -> Result<Figures> {
+    let mut scrape_ms = Vec::new();
     let mut text = String::new();
     for _ in 0..5 {
         let t = Instant::now();
         text = agent.metrics()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
+        scrape_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let series = text
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .count();
-    let own_series = text.lines().filter(|l| l.starts_with("tcpstate_")).count();
-    let leak_line = format!(
-        "tcpstate_connections{{port=\"{LEAK_PORT}\",role=\"server\",state=\"close_wait\"}} {LEAK}"
-    );
-    let burst_tw = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!(
-                "tcpstate_connections{{port=\"{BURST_PORT}\",role=\"server\",state=\"time_wait\"}} "
-            ))
-        })
-        .unwrap_or("none")
-        .to_string();
-    let other = text
-        .lines()
-        .filter(|l| l.starts_with("tcpstate_connections{port=\"other\""))
-        .count();
-    let tracked = metric(&text, "tcpstate_tracked_sockets");
-    let ss_tw = crate::output(Command::new("ip").args([
+    let ss_time_wait = crate::output(Command::new("ip").args([
         "netns",
         "exec",
         NETNS,
@@ -135,75 +138,109 @@ pub fn run(agent_bin: &std::path::Path, agent_args: &[String]) -> Result {
     ]))?
     .lines()
     .count();
-    let mut families: std::collections::BTreeMap<&str, usize> = Default::default();
-    for l in text.lines().filter(|l| l.starts_with("tcpstate_")) {
-        let name = l.split(['{', ' ']).next().unwrap_or(l);
-        let name = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(name);
-        *families.entry(name).or_default() += 1;
-    }
-    let rss = agent.status_kib("VmRSS:")?;
-    let hwm = agent.status_kib("VmHWM:")?;
-    let cpu = agent.cpu_seconds()?;
     if std::env::var_os("TCPSTATE_BENCH_SMAPS").is_some() {
         agent.print_smaps();
     }
+    Ok(Figures {
+        text,
+        scrape_ms,
+        ss_time_wait,
+        rss_start,
+        rss: agent.status_kib("VmRSS:")?,
+        hwm: agent.status_kib("VmHWM:")?,
+        cpu: agent.cpu_seconds()?,
+    })
+}
 
-    for h in holders {
-        h.finish()?;
+impl Figures {
+    /// Series per family, histogram parts counted with their family.
+    fn families(&self) -> Vec<(&str, usize)> {
+        let mut families: std::collections::BTreeMap<&str, usize> = Default::default();
+        for l in self.text.lines().filter(|l| l.starts_with("tcpstate_")) {
+            let name = l.split(['{', ' ']).next().unwrap_or(l);
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            *families.entry(name).or_default() += 1;
+        }
+        let mut families: Vec<_> = families.into_iter().collect();
+        families.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        families
     }
-    leak.finish()?;
-    agent.stop()?;
 
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    let per_socket = (rss.saturating_sub(rss_start) * 1024) as f64 / tracked.max(1) as f64;
-    println!();
-    println!(
-        "## busy host: {PORTS} ports, {} established connections, a burst of {BURST} server-first connections, a CLOSE_WAIT leak",
-        u32::from(PORTS) * CONNS_PER_PORT
-    );
-    println!();
-    println!("| measure | value | target |");
-    println!("|---|---|---|");
-    println!("| series in /metrics | {series} ({own_series} tcpstate_*) | <= {MAX_SERIES} |");
-    println!(
-        "| /metrics size | {:.0} KiB | |",
-        text.len() as f64 / 1024.0
-    );
-    println!(
-        "| scrape time (median of 5) | {:.1} ms | |",
-        crate::bench::median(&times)
-    );
-    println!(
-        "| the leak's port has its own series | {} | yes |",
-        if text.contains(&leak_line) {
+    fn report(&self) {
+        let text = &self.text;
+        let series = text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .count();
+        let own_series = text.lines().filter(|l| l.starts_with("tcpstate_")).count();
+        let leak_line = format!(
+            "tcpstate_connections{{port=\"{LEAK_PORT}\",role=\"server\",state=\"close_wait\"}} {LEAK}"
+        );
+        let burst_tw = value(
+            text,
+            "tcpstate_connections",
+            &[
+                ("port", &BURST_PORT.to_string()),
+                ("role", "server"),
+                ("state", "time_wait"),
+            ],
+        )
+        .map_or("none".to_string(), |v| v.to_string());
+        let other = text
+            .lines()
+            .filter(|l| l.starts_with("tcpstate_connections{port=\"other\""))
+            .count();
+        let tracked = metric(text, "tcpstate_tracked_sockets");
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let per_socket =
+            (self.rss.saturating_sub(self.rss_start) * 1024) as f64 / tracked.max(1) as f64;
+        println!();
+        println!(
+            "## busy host: {PORTS} ports, {} established connections, a burst of {BURST} server-first connections, a CLOSE_WAIT leak",
+            u32::from(PORTS) * CONNS_PER_PORT
+        );
+        println!();
+        println!("| measure | value | target |");
+        println!("|---|---|---|");
+        println!("| series in /metrics | {series} ({own_series} tcpstate_*) | <= {MAX_SERIES} |");
+        println!(
+            "| /metrics size | {:.0} KiB | |",
+            text.len() as f64 / 1024.0
+        );
+        println!(
+            "| scrape time (median of 5) | {:.1} ms | |",
+            crate::bench::median(&self.scrape_ms)
+        );
+        let own = if text.contains(&leak_line) {
             "yes"
         } else {
             "NO"
+        };
+        println!("| the leak's port has its own series | {own} | yes |");
+        println!(
+            "| burst port TIME_WAIT, server role (ss) | {burst_tw} ({}) | |",
+            self.ss_time_wait
+        );
+        println!("| port=\"other\" connection series | {other} | |");
+        println!("| sockets in the table | {tracked} | |");
+        println!(
+            "| agent RSS at the end (at start) | {:.1} MiB ({:.1} MiB) | <= {MAX_RSS_MIB} MiB |",
+            mib(self.rss),
+            mib(self.rss_start)
+        );
+        println!("| agent peak RSS | {:.1} MiB | |", mib(self.hwm));
+        println!("| RSS per tracked socket (growth / sockets) | {per_socket:.0} bytes | |");
+        println!("| agent CPU, whole scenario | {:.2} s | |", self.cpu);
+        println!();
+        println!("| family | series |");
+        println!("|---|---|");
+        for (name, n) in self.families().iter().filter(|(_, n)| *n > 2) {
+            println!("| `{name}` | {n} |");
         }
-    );
-    println!("| burst port TIME_WAIT, server role (ss) | {burst_tw} ({ss_tw}) | |");
-    println!("| port=\"other\" connection series | {other} | |");
-    println!("| sockets in the table | {tracked} | |");
-    println!(
-        "| agent RSS at the end (at start) | {:.1} MiB ({:.1} MiB) | <= {MAX_RSS_MIB} MiB |",
-        mib(rss),
-        mib(rss_start)
-    );
-    println!("| agent peak RSS | {:.1} MiB | |", mib(hwm));
-    println!("| RSS per tracked socket (growth / sockets) | {per_socket:.0} bytes | |");
-    println!("| agent CPU, whole scenario | {cpu:.2} s | |");
-    println!();
-    println!("| family | series |");
-    println!("|---|---|");
-    let mut families: Vec<_> = families.into_iter().collect();
-    families.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
-    for (name, n) in families.iter().filter(|(_, n)| *n > 2) {
-        println!("| `{name}` | {n} |");
     }
-    Ok(())
 }
 
 /// A process in the namespace that holds connections until its standard input closes.

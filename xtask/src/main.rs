@@ -8,6 +8,11 @@ use std::process::{Command, ExitCode, Stdio};
 
 mod bench;
 mod busy;
+// The agent harness the integration tests use, compiled here too: one way to start, scrape and
+// stop the agent. Not every helper is needed here.
+#[allow(dead_code)]
+#[path = "../../agent/tests/integration/harness.rs"]
+mod harness;
 
 type Result<T = ()> = std::result::Result<T, String>;
 

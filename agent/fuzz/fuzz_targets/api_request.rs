@@ -4,9 +4,9 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(req) = tcpstate::api::parse_request(data) {
+    if let Ok(req) = tcpstate::serve::api::protocol::parse_request(data) {
         let line = serde_json::to_vec(&req).expect("a request serialises");
-        let again = tcpstate::api::parse_request(&line).expect("what we write parses");
+        let again = tcpstate::serve::api::protocol::parse_request(&line).expect("what we write parses");
         assert_eq!(again, req);
     }
 });

@@ -3,8 +3,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(btf) = tcpstate::btf::Btf::parse(data) {
-        let _ = tcpstate::btf::netns_offsets(&btf);
+    if let Ok(btf) = tcpstate::kernel::btf::Btf::parse(data) {
+        let _ = tcpstate::kernel::btf::netns_offsets(&btf);
         let _ = btf.offset("sock_common", &["skc_net"]);
     }
 });

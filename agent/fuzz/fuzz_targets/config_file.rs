@@ -3,8 +3,8 @@
 #![no_main]
 use clap::Parser;
 use libfuzzer_sys::fuzz_target;
-use tcpstate::cli::{Cli, Command};
-use tcpstate::configfile::{self, Given};
+use tcpstate::args::{Cli, Command};
+use tcpstate::config::file::{self as configfile, Given};
 
 struct NoFlags;
 impl Given for NoFlags {

@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(t) = tcpstate::decode::decode(data) {
+    if let Ok(t) = tcpstate::kernel::decode::decode(data) {
         // What decoded is whole: both addresses of one family.
         assert_eq!(t.local.is_ipv4(), t.remote.is_ipv4(), "{t:?}");
     }

@@ -1,0 +1,5 @@
+//! The local API: [`protocol`] (the JSON lines both ends speak; the CLI uses nothing else),
+//! [`server`] (the Unix socket), and [`rows`] (the table task's answers as protocol rows).
+pub mod protocol;
+pub(crate) mod rows;
+pub(crate) mod server;

@@ -1,0 +1,521 @@
+//! The deployment files: Prometheus rules, their unit tests, and the runbook they point at.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn deploy() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn promtool(args: &[&str]) -> String {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(deploy().join("prometheus"))
+        .output()
+        .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?} failed:\n{said}");
+    said
+}
+
+#[test]
+fn the_alert_rules_are_valid() {
+    let said = promtool(&["check", "rules", "tcpstate-alerts.yml"]);
+    assert!(said.contains("SUCCESS: 5 rules found"), "{said}");
+}
+
+#[test]
+fn the_alert_rule_unit_tests_pass() {
+    let said = promtool(&["test", "rules", "tests/tcpstate-alerts.test.yml"]);
+    assert!(said.contains("SUCCESS"), "{said}");
+}
+
+#[test]
+fn every_alert_has_its_fields_and_a_runbook_section() {
+    let rules = std::fs::read_to_string(deploy().join("prometheus/tcpstate-alerts.yml")).unwrap();
+    let runbook = std::fs::read_to_string(deploy().join("prometheus/RUNBOOK.md")).unwrap();
+    let anchors: Vec<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| h.trim().to_lowercase().replace(' ', "-"))
+        .collect();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            "TcpstateCloseWaitLingering",
+            "TcpstateCloseWaitPileUp",
+            "TcpstateFinWait2Lingering",
+            "TcpstateEventsLost",
+            "TcpstateAgentDown"
+        ]
+    );
+    let urls: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
+        .collect();
+    assert_eq!(urls.len(), alerts.len(), "one runbook_url per alert");
+    for (alert, url) in alerts.iter().zip(urls) {
+        let anchor = url.trim_matches('"').rsplit('#').next().unwrap();
+        assert_eq!(anchor, alert.to_lowercase(), "{alert}: runbook_url {url}");
+        assert!(
+            anchors.iter().any(|a| a == anchor),
+            "RUNBOOK.md has no section for {alert}"
+        );
+    }
+    for field in ["for: ", "severity: ", "summary: ", "description: "] {
+        let n = rules
+            .lines()
+            .filter(|l| l.trim().starts_with(field))
+            .count();
+        assert_eq!(n, alerts.len(), "every alert needs `{field}`");
+    }
+}
+
+fn render_kustomization() -> String {
+    let out = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(deploy().join("kubernetes"))
+        .output()
+        .expect("kubectl (it ships with this machine image; it renders kustomizations offline)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_kustomization_renders_every_resource() {
+    let text = render_kustomization();
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .collect();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "DaemonSet",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    // The DaemonSet keeps to the measured capabilities instead of running privileged.
+    assert!(text.contains("privileged: false"));
+    assert!(text.contains("readOnlyRootFilesystem: true"));
+    assert!(text.contains("- operator: Exists"), "tolerates every taint");
+    for cap in [
+        "BPF",
+        "PERFMON",
+        "DAC_READ_SEARCH",
+        "SYS_ADMIN",
+        "SYS_PTRACE",
+    ] {
+        assert!(text.contains(&format!("- {cap}")), "{cap}");
+    }
+    assert!(text.contains("path: /healthz") && text.contains("path: /readyz"));
+}
+
+#[test]
+fn every_manifest_validates_against_the_kubernetes_schemas() {
+    let rendered = render_kustomization();
+    let file = std::env::temp_dir().join(format!("tcpstate-rendered-{}.yaml", std::process::id()));
+    std::fs::write(&file, &rendered).unwrap();
+    let out = Command::new("kubernetes-validate")
+        .args(["-k", "1.32.0", "--strict"])
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate (PyPI; `cargo xtask setup` installs it)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{said}");
+    for resource in [
+        "namespace/tcpstate",
+        "serviceaccount/tcpstate",
+        "service/tcpstate",
+        "daemonset/tcpstate",
+    ] {
+        assert!(
+            said.contains(&format!("passed for resource {resource}")),
+            "{resource}: {said}"
+        );
+    }
+    assert!(
+        said.contains("passed for resource configmap/tcpstate-config-"),
+        "{said}"
+    );
+    // The Prometheus Operator's kinds have no schema there: check what they must hold.
+    let monitor = std::fs::read_to_string(deploy().join("kubernetes/servicemonitor.yaml")).unwrap();
+    assert!(monitor.contains("apiVersion: monitoring.coreos.com/v1"));
+    assert!(
+        monitor.contains("- port: metrics"),
+        "scrapes the Service's named port"
+    );
+}
+
+#[test]
+fn the_prometheus_rule_is_the_rule_file() {
+    let rules = std::fs::read_to_string(deploy().join("prometheus/tcpstate-alerts.yml")).unwrap();
+    let crd = std::fs::read_to_string(deploy().join("kubernetes/prometheusrule.yaml")).unwrap();
+    let groups: String = rules
+        .lines()
+        .skip_while(|l| !l.starts_with("groups:"))
+        .map(|l| {
+            if l.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("  {l}\n")
+            }
+        })
+        .collect();
+    let spec = crd.split_once("\nspec:\n").map(|(_, s)| s).expect("a spec");
+    assert_eq!(
+        spec, groups,
+        "deploy/kubernetes/prometheusrule.yaml drifted from the rule file: run `cargo xtask gen-rules`"
+    );
+    assert!(crd.contains("kind: PrometheusRule"));
+}
+
+fn check_config(text: &str) -> (i32, String) {
+    let file = std::env::temp_dir().join(format!(
+        "tcpstate-cfg-{}-{}.toml",
+        std::process::id(),
+        text.len()
+    ));
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(["agent", "--check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_shipped_configs_pass_check_config() {
+    for file in ["kubernetes/tcpstate.toml", "tcpstate.toml"] {
+        let text = std::fs::read_to_string(deploy().join(file)).unwrap();
+        let (code, said) = check_config(&text);
+        assert_eq!(code, 0, "{file}: {said}");
+        assert!(said.contains("configuration OK"), "{said}");
+    }
+    // The ConfigMap carries exactly that file.
+    let rendered = render_kustomization();
+    assert!(rendered.contains("tcpstate.toml: |"), "{rendered}");
+    assert!(rendered.contains("per_netns = true"));
+}
+
+#[test]
+fn each_kind_of_config_error_names_the_key_and_exits_2() {
+    for (text, key, line) in [
+        ("max_ports = 64\nsurprise = 1\n", "surprise", 2),
+        ("max_ports = \"many\"\n", "max_ports", 1),
+        ("linger_after = \"0s\"\n", "linger_after", 1),
+        ("\n\nmax_ports = 70000\n", "max_ports", 3),
+        ("ring_size = \"3MiB\"\n", "ring_size", 1),
+        ("listen = 42\n", "listen", 1),
+    ] {
+        let (code, said) = check_config(text);
+        assert_eq!(code, 2, "{text}: {said}");
+        assert!(
+            said.contains(&format!(":{line}: key `{key}`")),
+            "{text}: {said}"
+        );
+        assert_eq!(said.trim().lines().count(), 1, "one line: {said}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args([
+            "agent",
+            "--check-config",
+            "--config",
+            "/nonexistent/tcpstate.toml",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tcpstate.toml does not exist")
+    );
+}
+
+/// Metric names in a PromQL expression: identifiers of the agent's families.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(tail.len());
+        let word = &tail[..end];
+        if word.starts_with("tcpstate_") || word.starts_with("process_") {
+            out.push(word.to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_agent_exports() {
+    crate::support::require_root();
+    let text = std::fs::read_to_string(deploy().join("grafana/tcpstate.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut exprs: Vec<String> = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    for var in dash["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = var["query"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+
+    // A real scrape, with a connection closed so the histograms have series, and one left in
+    // CLOSE_WAIT past the threshold so the lingering families have theirs.
+    let agent = crate::support::AgentProc::start(&["--linger-after", "200ms"]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    drop(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+    drop(listener.accept().unwrap());
+    let _leak = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (_leaked, _) = listener.accept().unwrap();
+    drop(_leak);
+    let scrape = crate::support::eventually(std::time::Duration::from_secs(5), || {
+        let t = agent.metrics();
+        if t.contains("tcpstate_connection_duration_seconds_bucket")
+            && t.contains("tcpstate_lingering_connections{")
+        {
+            Ok(t)
+        } else {
+            Err("no lifetime or lingering connection yet".into())
+        }
+    });
+    let exported: std::collections::BTreeSet<&str> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let mut used = 0;
+    for e in &exprs {
+        for name in metric_names(e) {
+            used += 1;
+            assert!(
+                exported.contains(name.as_str()),
+                "the dashboard uses {name}, which the agent does not export ({e})"
+            );
+        }
+    }
+    assert!(used >= 12, "the dashboard names {used} metrics");
+}
+
+/// The Dockerfile cannot be built here (no container engine), so this checks what can drift:
+/// the toolchain pins against the ones `cargo xtask setup` uses, every `COPY` source against the
+/// tree and `.dockerignore`, and the entrypoint and port against the binary and the manifests.
+#[test]
+fn the_dockerfile_agrees_with_the_build_and_the_manifests() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    let arg = |name: &str| {
+        dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("ARG {name}=")))
+            .unwrap_or_else(|| panic!("the Dockerfile has no `ARG {name}=...`"))
+            .trim()
+            .to_string()
+    };
+
+    // bpf-linker: the same release as the setup's.
+    let xtask = std::fs::read_to_string(root.join("xtask/src/main.rs")).unwrap();
+    let setup_linker = xtask
+        .lines()
+        .find_map(|l| l.strip_prefix("const BPF_LINKER_VERSION: &str = \""))
+        .and_then(|l| l.strip_suffix("\";"))
+        .expect("xtask's BPF_LINKER_VERSION");
+    assert_eq!(
+        arg("BPF_LINKER"),
+        setup_linker,
+        "bpf-linker versions differ"
+    );
+
+    // The nightly is pinned to a date (a moving `nightly` outgrows bpf-linker's LLVM), and the
+    // eBPF build is pointed at it.
+    let nightly = arg("NIGHTLY");
+    let date = nightly.strip_prefix("nightly-").unwrap_or("");
+    assert!(
+        date.len() == 10 && date.chars().all(|c| c.is_ascii_digit() || c == '-'),
+        "NIGHTLY must be a dated nightly, not `{nightly}`"
+    );
+    assert!(
+        dockerfile.contains("ENV TCPSTATE_EBPF_TOOLCHAIN=${NIGHTLY}"),
+        "the eBPF build must use the pinned nightly (TCPSTATE_EBPF_TOOLCHAIN)"
+    );
+    // The build stage's stable is the workspace's rust-version.
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let rust_version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("rust-version in Cargo.toml");
+    assert!(
+        dockerfile.contains(&format!("FROM docker.io/library/rust:{rust_version}-")),
+        "the build stage must use Rust {rust_version}"
+    );
+
+    dockerfile_copies_what_the_context_holds(&root, &dockerfile);
+    dockerfile_entrypoint_and_port(&dockerfile);
+}
+
+/// Every COPY source exists and is not kept out of the build context.
+fn dockerfile_copies_what_the_context_holds(root: &std::path::Path, dockerfile: &str) {
+    let ignored: Vec<String> = std::fs::read_to_string(root.join(".dockerignore"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().trim_end_matches('/').to_string())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let mut copies = 0;
+    for line in dockerfile.lines() {
+        let Some(rest) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        if rest.starts_with("--from=") {
+            continue;
+        }
+        let parts: Vec<&str> = rest.split_whitespace().collect();
+        for src in &parts[..parts.len() - 1] {
+            copies += 1;
+            assert!(root.join(src).exists(), "COPY {src}: no such file");
+            let first = src.trim_start_matches("./").split('/').next().unwrap();
+            assert!(
+                !ignored.iter().any(|i| i == first),
+                "COPY {src}: excluded by .dockerignore"
+            );
+        }
+    }
+    assert!(
+        copies >= 2,
+        "expected the source tree and the example config to be copied"
+    );
+    for needed in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "agent",
+        "ebpf",
+        "common",
+        "xtask",
+        "deploy",
+    ] {
+        assert!(
+            !ignored.iter().any(|i| i == needed),
+            "{needed} is needed by the build but excluded by .dockerignore"
+        );
+    }
+}
+
+/// The entrypoint is the copied binary; the exposed port is the agent's default and the
+/// DaemonSet's.
+fn dockerfile_entrypoint_and_port(dockerfile: &str) {
+    assert!(
+        dockerfile
+            .contains("COPY --from=build /src/target/release/tcpstate /usr/local/bin/tcpstate")
+    );
+    assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/tcpstate\"]"));
+    let port = tcpstate::config::DEFAULT_LISTEN.rsplit(':').next().unwrap();
+    assert!(
+        dockerfile.contains(&format!("EXPOSE {port}")),
+        "EXPOSE {port}"
+    );
+    let daemonset = std::fs::read_to_string(deploy().join("kubernetes/daemonset.yaml")).unwrap();
+    assert!(
+        daemonset.contains(&format!("containerPort: {port}")),
+        "the DaemonSet's containerPort is not {port}"
+    );
+}
+
+/// The runtime image is distroless/cc-debian12: glibc 2.36, libgcc_s and libm, nothing else.
+/// The binary built the same way (Rust 1.95 on Debian 12) must need no more than that.
+#[test]
+fn the_binary_needs_only_what_the_runtime_image_ships() {
+    let bin = env!("CARGO_BIN_EXE_tcpstate");
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .arg(bin)
+            .output()
+            .unwrap_or_else(|e| panic!("{} (binutils): {e}", args[0]));
+        assert!(out.status.success(), "{args:?} failed");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    const SHIPPED: &[&str] = &[
+        "libc.so.6",
+        "libm.so.6",
+        "libgcc_s.so.1",
+        "ld-linux-x86-64.so.2",
+        "libpthread.so.0",
+        "libdl.so.2",
+        "librt.so.1",
+    ];
+    let dynamic = run(&["readelf", "-d"]);
+    let needed: Vec<&str> = dynamic
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1)?.split(']').next())
+        .collect();
+    assert!(
+        !needed.is_empty(),
+        "readelf found no NEEDED entries:\n{dynamic}"
+    );
+    for lib in &needed {
+        assert!(
+            SHIPPED.contains(lib),
+            "the binary needs {lib}, which distroless/cc-debian12 does not ship"
+        );
+    }
+    // The newest glibc symbol version it asks for must be in Debian 12's glibc (2.36).
+    let symbols = run(&["objdump", "-T"]);
+    let newest = symbols
+        .split("GLIBC_")
+        .skip(1)
+        .filter_map(|v| {
+            let v: String = v
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+            Some((parts.next()?, parts.next().unwrap_or(0)))
+        })
+        .max()
+        .expect("no GLIBC_ symbol versions found");
+    assert!(
+        newest <= (2, 36),
+        "the binary needs glibc {}.{}, newer than Debian 12's 2.36",
+        newest.0,
+        newest.1
+    );
+}

@@ -1,0 +1,20 @@
+//! The integration tests: one test crate, compiled once, one module per area, sharing the
+//! helpers in `support` and the agent harness in `harness` (which `cargo xtask bench` uses too).
+//!
+//! Every test that loads the program or makes connections needs root and fails (never skips)
+//! without it; each works in network namespaces or on ports of its own, so that the areas can
+//! run side by side.
+// `cargo xtask bench` compiles the harness too and uses parts the tests do not.
+#[allow(dead_code)]
+mod harness;
+mod support;
+
+mod api;
+mod api_access;
+mod capabilities;
+mod deploy;
+mod ground_truth;
+mod kernel;
+mod layers;
+mod linger;
+mod operation;
