@@ -37,7 +37,7 @@ pub(crate) fn cli_json(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn conns_ports_and_watch_answer_from_the_live_table() {
-    require_root();
+    let _area = require_root("api");
     let ns = Netns::new("api");
     let sock = socket_path("live");
     // A transition the kernel skips (counted as a recursion miss) is repaired by the next
@@ -250,7 +250,7 @@ fn watch_fresh_connection(ns: &Netns, sock: &str, wport: u16) -> Vec<(String, St
 
 #[test]
 fn bad_requests_get_an_error_and_the_agent_keeps_answering() {
-    require_root();
+    let _area = require_root("api");
     let sock = socket_path("bad");
     let _agent = AgentProc::start(&["--socket", &sock]);
     let ask = |payload: &[u8]| -> (String, String) {
@@ -320,7 +320,7 @@ fn bad_requests_get_an_error_and_the_agent_keeps_answering() {
 
 #[test]
 fn a_watch_that_cannot_keep_up_is_disconnected_with_a_reason() {
-    require_root();
+    let _area = require_root("api");
     let ns = Netns::new("slow");
     let sock = socket_path("slow");
     let agent = AgentProc::start(&["--socket", &sock]);
@@ -377,7 +377,7 @@ fn a_watch_that_cannot_keep_up_is_disconnected_with_a_reason() {
 
 #[test]
 fn watchers_see_every_transition_through_reconciliations() {
-    require_root();
+    let _area = require_root("api");
     let ns = Netns::new("wrec");
     let sock = socket_path("wrec");
     // Reconciliations every 200 ms while the churn runs: each one drains the pending batches.

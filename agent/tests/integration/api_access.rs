@@ -52,7 +52,7 @@ fn users_for_the_socket(member: &str, stranger: &str) -> Cleanup {
 
 #[test]
 fn the_socket_admits_root_and_the_group_and_refuses_others() {
-    require_root();
+    let _area = require_root("api");
     let member = format!("tcpst-m{}", std::process::id() % 100_000);
     let stranger = format!("tcpst-s{}", std::process::id() % 100_000);
     let _cleanup = users_for_the_socket(&member, &stranger);
@@ -141,7 +141,7 @@ fn the_cli_says_what_to_do_when_the_agent_is_not_there() {
 
 #[test]
 fn a_socket_path_that_is_not_a_socket_is_refused_and_left_alone() {
-    require_root();
+    let _area = require_root("api");
     let dir = std::env::temp_dir().join(format!("tcpstate-notsock-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("important.conf");

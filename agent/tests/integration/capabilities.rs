@@ -100,7 +100,7 @@ fn run_with(caps: &[String], dir: &std::path::Path) -> (Option<i32>, String, boo
 
 #[test]
 fn the_unit_capability_set_is_enough_and_each_required_one_is_named_when_missing() {
-    require_root();
+    let _area = require_root("capabilities");
     let caps = unit_caps();
     assert_eq!(
         caps,

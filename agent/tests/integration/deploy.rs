@@ -281,7 +281,7 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 #[test]
 fn the_dashboard_queries_only_metrics_the_agent_exports() {
-    crate::support::require_root();
+    let _area = crate::support::require_root("deploy");
     let text = std::fs::read_to_string(deploy().join("grafana/tcpstate.json")).unwrap();
     let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
     let mut exprs: Vec<String> = Vec::new();

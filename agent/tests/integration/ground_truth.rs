@@ -25,7 +25,7 @@ fn ss_count(ns: &Netns, port: u16, role: &str, state: &str) -> u64 {
 
 #[test]
 fn close_wait_leaked_before_start_is_seeded_at_once_with_its_owner() {
-    require_root();
+    let _area = require_root("ground_truth");
     let ns = Netns::new("seed");
     let port = 7601u16;
     // The leak exists before the agent.
@@ -113,7 +113,7 @@ fn orphans_and_time_wait(fw_port: u16, tw_port: u16) -> (TcpListener, Vec<TcpStr
 
 #[test]
 fn orphaned_fin_wait2_and_time_wait_are_counted_from_the_dump() {
-    require_root();
+    let _area = require_root("ground_truth");
     let ns = Netns::new("tw");
     let agent = AgentProc::start(&["--reconcile-interval", "500ms"]);
     let (fw_port, tw_port) = (7602u16, 7603u16);
@@ -177,7 +177,7 @@ fn orphaned_fin_wait2_and_time_wait_are_counted_from_the_dump() {
 
 #[test]
 fn after_forced_loss_one_reconciliation_restores_the_counts() {
-    require_root();
+    let _area = require_root("ground_truth");
     let ns = Netns::new("loss");
     // A ring of one page (about 50 events) drained every 10 ms cannot take a burst.
     let agent = AgentProc::start(&["--ring-size", "4096", "--reconcile-interval", "2s"]);
@@ -230,7 +230,7 @@ fn burst(port: u16) -> (TcpListener, Vec<std::net::TcpStream>) {
 
 #[test]
 fn a_kernel_loss_brings_the_next_reconciliation_forward() {
-    require_root();
+    let _area = require_root("ground_truth");
     let ns = Netns::new("early");
     // An hour between reconciliations: only the early one can repair the loss in time.
     let agent = AgentProc::start(&["--ring-size", "4096", "--reconcile-interval", "1h"]);
@@ -282,7 +282,7 @@ fn counts_in(
 
 #[test]
 fn two_namespaces_on_the_same_port_are_counted_apart_with_per_netns() {
-    require_root();
+    let _area = require_root("ground_truth");
     let (a, b) = (Netns::new("nsa"), Netns::new("nsb"));
     let inode = |ns: &Netns| {
         tcpstate::kernel::sockdiag::netns_inode(std::path::Path::new(&format!(
@@ -292,7 +292,7 @@ fn two_namespaces_on_the_same_port_are_counted_apart_with_per_netns() {
         .unwrap()
     };
     let agent = AgentProc::start(&["--per-netns", "--reconcile-interval", "1s"]);
-    let port = 7605u16;
+    let port = 7608u16;
     let leak = |n: usize| {
         move || {
             let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
@@ -336,7 +336,7 @@ fn two_namespaces_on_the_same_port_are_counted_apart_with_per_netns() {
 
 #[test]
 fn a_burst_whose_server_closed_first_leaves_room_for_a_new_service() {
-    require_root();
+    let _area = require_root("ground_truth");
     let ns = Netns::new("burst");
     let (burst_port, new_port) = (7606u16, 7607u16);
     // A server that closes first leaves TIME_WAIT on its own side: 1,000 sockets whose peers

@@ -52,7 +52,7 @@ fn agrees_with_ss(
 
 #[test]
 fn connection_counts_equal_ss_for_both_roles_over_ipv4_and_ipv6() {
-    require_root();
+    let _area = require_root("kernel");
     let ns = Netns::new("cmp");
     // Transitions can be lost in the kernel (a program is skipped when another BPF program runs
     // on that CPU, as the other tests' agents do); a reconciliation repairs them, so one runs
@@ -204,7 +204,7 @@ fn states(ts: &[Transition]) -> Vec<(TcpState, TcpState)> {
 
 #[test]
 fn every_transition_arrives_in_order_on_both_ends() {
-    require_root();
+    let _area = require_root("kernel");
     let ns = Netns::new("order");
     // A run the kernel reports it skipped (see `Seen::recursion_misses`; other tests' programs
     // run on the same CPUs) is tried again on fresh ports. Any other gap fails at once.
@@ -323,7 +323,7 @@ fn check_order(
 
 #[test]
 fn an_established_hold_of_300ms_shows_in_the_state_duration() {
-    require_root();
+    let _area = require_root("kernel");
     let ns = Netns::new("dur");
     let agent = AgentProc::start(&[]);
     let port = 7301u16;

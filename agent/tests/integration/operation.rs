@@ -10,7 +10,7 @@ use std::time::Duration;
 
 #[test]
 fn the_metrics_pass_promtool() {
-    require_root();
+    let _area = require_root("kernel");
     let ns = Netns::new("prom");
     let agent = AgentProc::start(&[]);
     let _held = ns.enter(|| mixed_states("127.0.0.1", 7401));
@@ -76,7 +76,7 @@ fn the_metrics_pass_promtool() {
 
 #[test]
 fn sigint_and_sigterm_detach_and_exit_zero() {
-    require_root();
+    let _area = require_root("kernel");
     for signal in [
         nix::sys::signal::Signal::SIGINT,
         nix::sys::signal::Signal::SIGTERM,
@@ -110,7 +110,7 @@ fn failing_start(prefix: &[&str], args: &[&str]) -> (i32, String) {
 
 #[test]
 fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
-    require_root();
+    let _area = require_root("kernel");
     let listen = format!("127.0.0.1:{}", free_port());
 
     let (code, err) = failing_start(&[], &["agent", "--ring-size", "3MiB"]);
@@ -164,7 +164,7 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
 
 #[test]
 fn without_privileges_the_agent_names_the_missing_capability() {
-    require_root();
+    let _area = require_root("kernel");
     // A copy any user can run, whatever the permissions of the checkout.
     let dir = std::env::temp_dir().join(format!("tcpstate-unpriv-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -195,7 +195,7 @@ fn without_privileges_the_agent_names_the_missing_capability() {
 
 #[test]
 fn an_idle_port_gives_its_slot_back_and_returns_from_zero() {
-    require_root();
+    let _area = require_root("kernel");
     let ns = Netns::new("retire");
     // A 1 s linger threshold makes the table task look every 250 ms.
     let agent = AgentProc::start(&["--port-retire-after", "2s", "--linger-after", "1s"]);

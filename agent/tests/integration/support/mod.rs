@@ -6,14 +6,52 @@ use std::fs::File;
 use std::process::{Command, ExitStatus, Stdio};
 
 pub(crate) use crate::harness::{self, samples, value};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Fails (never skips) when not root: these tests load eBPF programs and create namespaces.
-pub fn require_root() {
+/// Returns the test's hold on its area (see [`Area`]): keep it for the whole test.
+pub fn require_root(area: &'static str) -> Area {
     if !nix::unistd::geteuid().is_root() {
         panic!(
             "this test needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN for network namespaces): run `cargo xtask test` as root"
         );
+    }
+    Area::enter(area)
+}
+
+/// Which area's tests run now, and how many of them.
+static AREA: (Mutex<(Option<&'static str>, usize)>, Condvar) =
+    (Mutex::new((None, 0)), Condvar::new());
+
+/// A test's hold on its area. Tests of one area run side by side, as they always did; tests of
+/// different areas never overlap. Every agent sees the sockets of every namespace, so one
+/// area's load (1,200 lingering sockets, say) would otherwise spill into another's assertions
+/// (its log cap, its ports).
+pub struct Area;
+
+impl Area {
+    fn enter(area: &'static str) -> Area {
+        let (lock, turn) = &AREA;
+        let mut now = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while now.0.is_some_and(|a| a != area) {
+            now = turn.wait(now).unwrap_or_else(|e| e.into_inner());
+        }
+        now.0 = Some(area);
+        now.1 += 1;
+        Area
+    }
+}
+
+impl Drop for Area {
+    fn drop(&mut self) {
+        let (lock, turn) = &AREA;
+        let mut now = lock.lock().unwrap_or_else(|e| e.into_inner());
+        now.1 -= 1;
+        if now.1 == 0 {
+            now.0 = None;
+            turn.notify_all();
+        }
     }
 }
 
