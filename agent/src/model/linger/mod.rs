@@ -126,7 +126,7 @@ impl Happening {
     }
 }
 
-/// What the daemon should log for one interval.
+/// What `engine::alert_log` should log for one interval.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum LogRecord {
     /// One line for one socket (`warn` when crossed, `info` when left).
