@@ -15,10 +15,13 @@
 /// by +-15% on this VM): glibc's 128 KiB made every large batch an mmap, page faults and a
 /// munmap (0.23-0.31 s against 0.17-0.18 s untuned); 1 MiB is within noise of untuned (0.19-0.20
 /// s) and keeps the busy host at 52 MiB (untuned: 133 MiB).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: i32 = 1 << 20;
 /// Free memory kept at the top of an arena before it is given back: a few batches' worth.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_THRESHOLD: i32 = 2 << 20;
 /// Arenas for all threads together.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const ARENA_MAX: i32 = 2;
 
 /// Applies the settings above; call before any thread starts. A no-op on other C libraries.

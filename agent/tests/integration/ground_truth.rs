@@ -355,6 +355,9 @@ fn a_burst_whose_server_closed_first_leaves_room_for_a_new_service() {
     assert!(tw >= 500, "the burst left only {tw} TIME_WAIT sockets");
 
     let agent = AgentProc::start(&[]);
+    // The burst's TIME_WAIT sockets are counted by the first dump: wait for it, or the new
+    // service's events can be scraped before it is applied.
+    agent.wait_seeded();
     // A new service, after the agent started.
     let (_listener, _pairs) = ns.enter(|| {
         let listener = TcpListener::bind(("127.0.0.1", new_port)).unwrap();

@@ -239,6 +239,16 @@ impl AgentProc {
             .collect()
     }
 
+    /// Waits until `/readyz` says the first sock_diag dump seeded the table.
+    pub fn wait_seeded(&self) {
+        eventually(Duration::from_secs(20), || {
+            match self.agent.get("/readyz") {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("/readyz: {other:?}")),
+            }
+        });
+    }
+
     pub fn try_metrics(&self) -> Result<String, String> {
         self.agent.metrics()
     }
