@@ -96,14 +96,16 @@ pub fn main(cfg: AgentConfig, log_level: &str, log_format: LogFormat) -> ExitCod
 
 /// Runs the agent until SIGINT or SIGTERM; returns once the program is detached.
 pub(crate) async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| AgentError::Io {
-            what: "installing the SIGTERM handler",
-            source,
-        })?;
+    // Both handlers are installed before anything starts: a signal that arrives while the agent
+    // starts (once /metrics answers, a supervisor may well send one) waits for the clean
+    // shutdown below instead of killing the process with the program attached.
+    use tokio::signal::unix::{SignalKind, signal};
+    let handler = |kind, what| signal(kind).map_err(|source| AgentError::Io { what, source });
+    let mut sigterm = handler(SignalKind::terminate(), "installing the SIGTERM handler")?;
+    let mut sigint = handler(SignalKind::interrupt(), "installing the SIGINT handler")?;
     let agent = start(cfg).await?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+        _ = sigint.recv() => tracing::info!("SIGINT received, shutting down"),
         _ = sigterm.recv() => tracing::info!("SIGTERM received, shutting down"),
     }
     agent.stop().await;
