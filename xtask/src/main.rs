@@ -8,6 +8,7 @@ use std::process::{Command, ExitCode, Stdio};
 
 mod bench;
 mod busy;
+mod dist;
 // The agent harness the integration tests use, compiled here too: one way to start, scrape and
 // stop the agent. Not every helper is needed here.
 #[allow(dead_code)]
@@ -27,6 +28,8 @@ commands:
   fuzz [--seconds N] [TARGET...]
                    run each fuzz target (agent/fuzz) for N seconds (default 60); `test` runs
                    every target for 10 s
+  dist [--check]   setup, build the release artifacts in target/dist: a static binary and a
+                   tarball; --check runs the release checks on them (`test` always does)
   gen-rules        write deploy/kubernetes/prometheusrule.yaml from deploy/prometheus/tcpstate-alerts.yml
 ";
 
@@ -82,6 +85,14 @@ fn main() -> ExitCode {
                     .args(["bench", "--quiet", "-p", "tcpstate", "--bench", "detector"])
                     .args(["--bench", "owner"]),
             ))
+        }),
+        "dist" => setup().and_then(|env| {
+            let a = dist::build(&env)?;
+            if rest.iter().any(|r| r == "--check") {
+                let n = dist::check(&a)?;
+                eprintln!("xtask: {n} release checks passed");
+            }
+            Ok(())
         }),
         "gen-rules" => gen_rules(),
         "fuzz" => setup().and_then(|env| fuzz_command(&env, rest)),
@@ -222,6 +233,12 @@ fn setup() -> Result<BuildEnv> {
     }
 
     ensure_bpf_linker(toolchain, &sysroot)?;
+
+    // The static release binary (`cargo xtask dist`).
+    let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !targets.lines().any(|t| t == dist::MUSL) {
+        sh(Command::new("rustup").args(["target", "add", dist::MUSL]))?;
+    }
 
     // The manifest checks validate offline against the Kubernetes schemas.
     if !have("kubernetes-validate") {
@@ -366,6 +383,12 @@ fn test(benv: &BuildEnv) -> Result {
         "--no-fail-fast",
     ]);
     let (passed, failed) = run_counting_tests(&mut cmd)?;
+    // The release artifacts, built and checked the way a fleet gets them.
+    let released = dist::build(benv).and_then(|a| dist::check(&a));
+    let (passed, failed) = match &released {
+        Ok(n) => (passed + n, failed),
+        Err(_) => (passed, failed + 1),
+    };
     // A short bounded run of every fuzz target: each must build and survive its seeds and
     // what it finds in 10 s.
     let fuzzed = fuzz(benv, FUZZ_TARGETS, 10);
@@ -375,6 +398,7 @@ fn test(benv: &BuildEnv) -> Result {
     };
     // Cargo's last line is often a doc-test binary with nothing in it: close on the total.
     println!("tests: {passed} passed, {failed} failed");
+    released.map_err(|e| format!("release check failed: {e}"))?;
     fuzzed?;
     if passed == 0 {
         return Err("no test ran".into());
