@@ -354,7 +354,7 @@ fn a_burst_whose_server_closed_first_leaves_room_for_a_new_service() {
     let tw = ss_count(&ns, burst_port, "server", "time_wait");
     assert!(tw >= 500, "the burst left only {tw} TIME_WAIT sockets");
 
-    let agent = AgentProc::start(&[]);
+    let mut agent = AgentProc::start(&[]);
     // The burst's TIME_WAIT sockets are counted by the first dump: wait for it, or the new
     // service's events can be scraped before it is applied.
     agent.wait_seeded();

@@ -49,17 +49,23 @@ impl Agent {
             addr: addr.to_string(),
             conn: Mutex::new(None),
         };
+        agent.wait(ready, timeout)?;
+        Ok(agent)
+    }
+
+    /// Waits up to `timeout` until the agent is `ready`; fails at once if it exits.
+    pub fn wait(&mut self, ready: Ready, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let path = match ready {
             Ready::Serving => "/metrics",
             Ready::Seeded => "/readyz",
         };
         loop {
-            if let Some(status) = agent.child.try_wait().map_err(|e| e.to_string())? {
-                return Err(format!("the agent exited during start ({status})"));
+            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("the agent exited ({status})"));
             }
-            if agent.get(path).is_ok_and(|(status, _)| status == 200) {
-                return Ok(agent);
+            if self.get(path).is_ok_and(|(status, _)| status == 200) {
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(format!(

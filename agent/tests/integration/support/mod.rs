@@ -240,13 +240,11 @@ impl AgentProc {
     }
 
     /// Waits until `/readyz` says the first sock_diag dump seeded the table.
-    pub fn wait_seeded(&self) {
-        eventually(Duration::from_secs(20), || {
-            match self.agent.get("/readyz") {
-                Ok((200, _)) => Ok(()),
-                other => Err(format!("/readyz: {other:?}")),
-            }
-        });
+    pub fn wait_seeded(&mut self) {
+        let waited = self
+            .agent
+            .wait(harness::Ready::Seeded, Duration::from_secs(20));
+        waited.unwrap_or_else(|e| panic!("{e}: {}", self.log_text()));
     }
 
     pub fn try_metrics(&self) -> Result<String, String> {
