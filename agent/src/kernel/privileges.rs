@@ -19,11 +19,35 @@ pub(crate) enum PrivilegeError {
 /// to read the tracepoint's format and id from tracefs. CAP_SYS_ADMIN would stand in for the
 /// first two, but the agent asks for the precise ones so that a unit granting too much is not
 /// needed and a unit granting too little fails here, by name.
+///
+/// One exception, measured on Debian's 5.10, 6.1 and 6.12 kernels (`cargo xtask test-kernels`):
+/// Debian and Ubuntu patch the kernel so that `kernel.perf_event_paranoid` = 3, their default,
+/// refuses `perf_event_open` to anyone without CAP_SYS_ADMIN, CAP_PERFMON or not. There,
+/// attaching needs CAP_SYS_ADMIN.
 pub(crate) fn check() -> Result<(), PrivilegeError> {
     let has = |c| {
         caps::has_cap(None, CapSet::Effective, c)
             .map_err(|e| PrivilegeError::Unreadable(e.to_string()))
     };
+    for (cap, name, why) in required(nix::unistd::geteuid().is_root(), perf_event_paranoid()) {
+        if !has(cap)? {
+            return Err(PrivilegeError::Missing(name, why));
+        }
+    }
+    Ok(())
+}
+
+/// `kernel.perf_event_paranoid`; None where it cannot be read.
+fn perf_event_paranoid() -> Option<i32> {
+    std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The capabilities required for uid 0 or not, and a `kernel.perf_event_paranoid` level.
+fn required(is_root: bool, paranoid: Option<i32>) -> Vec<(Capability, &'static str, &'static str)> {
     let mut required = vec![
         (Capability::CAP_BPF, "CAP_BPF", "load the eBPF program"),
         (
@@ -32,19 +56,21 @@ pub(crate) fn check() -> Result<(), PrivilegeError> {
             "attach it to the tracepoint",
         ),
     ];
-    if !nix::unistd::geteuid().is_root() {
+    if !is_root {
         required.push((
             Capability::CAP_DAC_READ_SEARCH,
             "CAP_DAC_READ_SEARCH",
             "read the tracepoint's format in tracefs",
         ));
     }
-    for (cap, name, why) in required {
-        if !has(cap)? {
-            return Err(PrivilegeError::Missing(name, why));
-        }
+    if paranoid.is_some_and(|p| p > 2) {
+        required.push((
+            Capability::CAP_SYS_ADMIN,
+            "CAP_SYS_ADMIN",
+            "attach to the tracepoint while kernel.perf_event_paranoid is above 2, as Debian and Ubuntu kernels set it; or lower it: `sysctl kernel.perf_event_paranoid=2`",
+        ));
     }
-    Ok(())
+    required
 }
 
 /// Capabilities without which the agent works, but sees less: returned as (name, what is lost).
@@ -80,6 +106,41 @@ pub(crate) fn raise_memlock() {
         tracing::debug!(
             error = %std::io::Error::last_os_error(),
             "could not raise RLIMIT_MEMLOCK (not needed on Linux >= 5.11)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(is_root: bool, paranoid: Option<i32>) -> Vec<&'static str> {
+        required(is_root, paranoid)
+            .into_iter()
+            .map(|(_, n, _)| n)
+            .collect()
+    }
+
+    #[test]
+    fn sys_admin_is_required_only_above_paranoid_2() {
+        assert_eq!(names(true, Some(2)), ["CAP_BPF", "CAP_PERFMON"]);
+        assert_eq!(names(true, None), ["CAP_BPF", "CAP_PERFMON"]);
+        assert_eq!(
+            names(false, Some(-1)),
+            ["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH"]
+        );
+        assert_eq!(
+            names(false, Some(3)),
+            [
+                "CAP_BPF",
+                "CAP_PERFMON",
+                "CAP_DAC_READ_SEARCH",
+                "CAP_SYS_ADMIN"
+            ]
+        );
+        assert_eq!(
+            names(true, Some(4)),
+            ["CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"]
         );
     }
 }

@@ -35,6 +35,14 @@ pub enum BpfError {
         "permission denied while {what}: run as root, or grant CAP_BPF and CAP_PERFMON (CAP_SYS_ADMIN on kernels before 5.8)"
     )]
     Permission { what: &'static str },
+    #[error(
+        "permission denied while {what}: Linux {release} (before 5.11) charges eBPF maps to RLIMIT_MEMLOCK, which is {limit} here: raise it (systemd: LimitMEMLOCK=infinity, as the shipped unit does; podman/docker: --ulimit memlock=-1) or grant CAP_SYS_RESOURCE"
+    )]
+    Memlock {
+        what: &'static str,
+        release: String,
+        limit: String,
+    },
     #[error("{what} failed: {detail}")]
     Failed { what: &'static str, detail: String },
     #[error("the eBPF object has no {0}: the build is broken, rebuild with `cargo xtask run`")]
@@ -49,7 +57,7 @@ impl BpfError {
             if let Some(io) = e.downcast_ref::<std::io::Error>()
                 && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
             {
-                return BpfError::Permission { what };
+                return permission(what);
             }
             if !detail.contains(&e.to_string()) {
                 detail = format!("{detail}: {e}");
@@ -58,6 +66,32 @@ impl BpfError {
         }
         BpfError::Failed { what, detail }
     }
+}
+
+/// EPERM: on kernels before 5.11 with a finite RLIMIT_MEMLOCK (the agent could not raise it),
+/// the map memory is the likelier cause, and the fix differs.
+fn permission(what: &'static str) -> BpfError {
+    let release = super::procfs::kernel_release();
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
+        .map(|(soft, _)| soft)
+        .unwrap_or(libc::RLIM_INFINITY);
+    if charges_memlock(&release) && limit != libc::RLIM_INFINITY {
+        return BpfError::Memlock {
+            what,
+            release,
+            limit: format!("{} KiB", limit / 1024),
+        };
+    }
+    BpfError::Permission { what }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK rather than to the memory cgroup.
+fn charges_memlock(release: &str) -> bool {
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) < (5, 11)
 }
 
 /// The loaded and attached program. Dropping it detaches the program.
@@ -173,4 +207,16 @@ pub fn load(layout: Layout, opts: &Options) -> Result<Loaded, BpfError> {
         recursion,
         logger,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memlock_is_charged_before_5_11() {
+        assert!(super::charges_memlock("5.10.0-32-amd64"));
+        assert!(super::charges_memlock("4.19.0"));
+        assert!(!super::charges_memlock("5.11.0"));
+        assert!(!super::charges_memlock("6.1.0-50-amd64"));
+        assert!(!super::charges_memlock("6.12.117+deb13-amd64"));
+    }
 }
