@@ -226,6 +226,11 @@ impl AgentProc {
         }
     }
 
+    /// Sends the agent a signal (`kill -NAME`).
+    pub fn signal(&self, name: &str) -> Result<(), String> {
+        self.agent.signal(name)
+    }
+
     /// Everything the agent logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
