@@ -75,8 +75,10 @@ pub fn watch(args: &WatchArgs) -> ExitCode {
             port: args.port,
             state: args.state,
         })?;
-        // The first reply says the subscription is live.
+        // The first reply says the subscription is live: say so on stderr (stdout stays the
+        // events alone), so that a person, or a script, knows from when on nothing is missed.
         c.next_reply()?;
+        eprintln!("tcpstate: watching; every transition from now on (Ctrl-C stops)");
         let stdout = std::io::stdout();
         while let Some(reply) = c.next_reply()? {
             if let Some(e) = reply.event {

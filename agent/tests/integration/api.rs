@@ -212,9 +212,15 @@ fn watch_fresh_connection(ns: &Netns, sock: &str, wport: u16) -> Vec<(String, St
             "--json",
         ])
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // It says on stderr when the subscription is live (or exits, and the line is empty).
+    let mut said = String::new();
+    BufReader::new(watch.stderr.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    assert!(said.contains("watching"), "tcpstate watch said: {said}");
     ns.enter(|| {
         let listener = TcpListener::bind(("127.0.0.1", wport)).unwrap();
         let (client, mut server) = connect_pair(&listener);
@@ -222,11 +228,23 @@ fn watch_fresh_connection(ns: &Netns, sock: &str, wport: u16) -> Vec<(String, St
         let mut b = [0u8; 1];
         assert_eq!(server.read(&mut b).unwrap(), 0);
     });
-    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    // Read on a thread, so that a missing event fails at the deadline instead of blocking.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
     let mut seen: Vec<(String, String, String)> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while seen.len() < 10 && Instant::now() < deadline {
-        let Some(Ok(line)) = lines.next() else { break };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 10 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            break;
+        };
         let e: serde_json::Value = serde_json::from_str(&line).unwrap();
         // The listener's own transitions are not the connection's.
         if e["to"] == "listen" || (e["from"] == "listen" && e["to"] == "close") {
