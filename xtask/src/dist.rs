@@ -3,9 +3,12 @@
 //! - `tcpstate`: one static x86_64 binary (musl: no dynamic libraries, and the API socket's group
 //!   lookup reads /etc/group itself, where a static glibc would need NSS modules at run time);
 //! - `tcpstate-VERSION-x86_64-linux.tar.gz`: that binary with the systemd unit, the example
-//!   config and the README.
+//!   config, the README and the licenses;
+//! - `tcpstate_VERSION_amd64.deb` (cargo-deb; see `[package.metadata.deb]` in agent/Cargo.toml);
+//! - `tcpstate-VERSION-image.tar`: the image of deploy/container/Containerfile (see `image`).
 //!
-//! `cargo xtask test` builds them and runs [`check`] on what it built.
+//! `cargo xtask test` builds them and runs [`check`] and the image's checks on what it built; the
+//! .deb is installed and purged inside a kernel VM (`kernels`).
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -19,7 +22,24 @@ pub const MUSL: &str = "x86_64-unknown-linux-musl";
 pub struct Artifacts {
     pub binary: PathBuf,
     pub tarball: PathBuf,
+    pub deb: PathBuf,
+    pub image: crate::image::Image,
     pub version: String,
+}
+
+/// The files of the tarball besides the binary, from the repository root.
+const TARBALL_FILES: &[(&str, &str)] = &[
+    ("deploy/systemd/tcpstate.service", "tcpstate.service"),
+    ("deploy/tcpstate.toml", "tcpstate.toml"),
+    ("README.md", "README.md"),
+    ("LICENSE-MIT", "LICENSE-MIT"),
+    ("LICENSE-APACHE", "LICENSE-APACHE"),
+];
+
+fn copy(from: &Path, to: &Path) -> Result {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
 }
 
 /// The workspace version, from the root manifest.
@@ -49,47 +69,75 @@ pub fn build(benv: &BuildEnv) -> Result<Artifacts> {
         "tcpstate",
     ])))?;
     let dist = root.join("target/dist");
-    let name = format!("tcpstate-{version}");
-    let stage = dist.join(&name);
-    let _ = std::fs::remove_dir_all(&stage);
-    std::fs::create_dir_all(&stage).map_err(|e| format!("{}: {e}", stage.display()))?;
+    std::fs::create_dir_all(&dist).map_err(|e| format!("{}: {e}", dist.display()))?;
     let binary = dist.join("tcpstate");
-    let copy = |from: &Path, to: &Path| {
-        std::fs::copy(from, to)
-            .map(|_| ())
-            .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
-    };
     copy(
         &root.join(format!("target/{MUSL}/release/tcpstate")),
         &binary,
     )?;
-    copy(&binary, &stage.join("tcpstate"))?;
-    copy(
-        &root.join("deploy/systemd/tcpstate.service"),
-        &stage.join("tcpstate.service"),
-    )?;
-    copy(
-        &root.join("deploy/tcpstate.toml"),
-        &stage.join("tcpstate.toml"),
-    )?;
-    copy(&root.join("README.md"), &stage.join("README.md"))?;
+    // No symbols: 5 MiB instead of 7 (the eBPF object is data, untouched).
+    sh(Command::new("strip").arg(&binary))?;
+    let tarball = tarball(&root, &dist, &binary, &version)?;
+    let deb = deb(&root, &dist, &version)?;
+    let image = crate::image::build(&root, &dist, &binary, &version)?;
+    eprintln!(
+        "xtask: wrote {}, {}, {} and {}",
+        binary.display(),
+        tarball.display(),
+        deb.display(),
+        image.archive.display()
+    );
+    Ok(Artifacts {
+        binary,
+        tarball,
+        deb,
+        image,
+        version,
+    })
+}
+
+/// `tcpstate-VERSION-x86_64-linux.tar.gz`: one folder with the binary and [`TARBALL_FILES`].
+fn tarball(root: &Path, dist: &Path, binary: &Path, version: &str) -> Result<PathBuf> {
+    let name = format!("tcpstate-{version}");
+    let stage = dist.join(&name);
+    let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(&stage).map_err(|e| format!("{}: {e}", stage.display()))?;
+    copy(binary, &stage.join("tcpstate"))?;
+    for (from, to) in TARBALL_FILES {
+        copy(&root.join(from), &stage.join(to))?;
+    }
     let tarball = dist.join(format!("{name}-x86_64-linux.tar.gz"));
     sh(Command::new("tar")
         .arg("-czf")
         .arg(&tarball)
         .arg("-C")
-        .arg(&dist)
+        .arg(dist)
         .arg(&name))?;
-    eprintln!(
-        "xtask: wrote {} and {}",
-        binary.display(),
-        tarball.display()
-    );
-    Ok(Artifacts {
-        binary,
-        tarball,
-        version,
-    })
+    Ok(tarball)
+}
+
+/// `tcpstate_VERSION_amd64.deb`, by cargo-deb from the static binary. The package's unit is the
+/// repository's with the binary where the package puts it (/usr/bin, not /usr/local/bin).
+fn deb(root: &Path, dist: &Path, version: &str) -> Result<PathBuf> {
+    let units = dist.join("deb-unit");
+    std::fs::create_dir_all(&units).map_err(|e| format!("{}: {e}", units.display()))?;
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/tcpstate.service"))
+        .map_err(|e| format!("deploy/systemd/tcpstate.service: {e}"))?;
+    const LOCAL: &str = "ExecStart=/usr/local/bin/tcpstate ";
+    if !unit.contains(LOCAL) {
+        return Err(format!("deploy/systemd/tcpstate.service has no `{LOCAL}`"));
+    }
+    let packaged = unit.replace(LOCAL, "ExecStart=/usr/bin/tcpstate ");
+    std::fs::write(units.join("tcpstate.service"), packaged)
+        .map_err(|e| format!("{}: {e}", units.display()))?;
+    let deb = dist.join(format!("tcpstate_{version}_amd64.deb"));
+    let _ = std::fs::remove_file(&deb);
+    sh(Command::new("cargo")
+        .current_dir(root)
+        .args(["deb", "-p", "tcpstate", "--no-build", "--target", MUSL])
+        .arg("--output")
+        .arg(&deb))?;
+    Ok(deb)
 }
 
 /// The release checks of the binary and the tarball; returns how many passed (all, or an
@@ -113,14 +161,57 @@ pub fn check(a: &Artifacts) -> Result<u64> {
         return Err(format!("`tcpstate --version` says `{shown}`"));
     }
     let listed = output(Command::new("tar").arg("-tzf").arg(&a.tarball))?;
-    for file in ["tcpstate", "tcpstate.service", "tcpstate.toml", "README.md"] {
+    for file in std::iter::once("tcpstate").chain(TARBALL_FILES.iter().map(|(_, to)| *to)) {
         let want = format!("tcpstate-{}/{file}", a.version);
         if !listed.lines().any(|l| l == want) {
             return Err(format!("{} lacks {want}: {listed}", a.tarball.display()));
         }
     }
     group_lookup(&a.binary)?;
-    Ok(4)
+    deb_contents(a)?;
+    Ok(5)
+}
+
+/// What the .deb holds, read without installing it (the install runs in a kernel VM):
+/// its version, the binary, the unit pointing at it, the config as a conffile, the licenses,
+/// the maintainer scripts that make and remove the user.
+fn deb_contents(a: &Artifacts) -> Result {
+    let deb = a.deb.display().to_string();
+    let field = |name: &str| output(Command::new("dpkg-deb").args(["-f", &deb, name]));
+    if field("Version")? != a.version || field("Architecture")? != "amd64" {
+        return Err(format!(
+            "{deb}: version or architecture is not {} amd64",
+            a.version
+        ));
+    }
+    let files = output(Command::new("dpkg-deb").args(["-c", &deb]))?;
+    for want in [
+        "./usr/bin/tcpstate",
+        "./usr/lib/systemd/system/tcpstate.service",
+        "./etc/tcpstate/tcpstate.toml",
+        "./usr/share/doc/tcpstate/copyright",
+        "./usr/share/doc/tcpstate/LICENSE-MIT",
+        "./usr/share/doc/tcpstate/LICENSE-APACHE",
+    ] {
+        if !files.lines().any(|l| l.ends_with(want)) {
+            return Err(format!("{deb} lacks {want}:\n{files}"));
+        }
+    }
+    let control = std::env::temp_dir().join(format!("tcpstate-deb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&control);
+    sh(Command::new("dpkg-deb").args(["-e", &deb]).arg(&control))?;
+    let read = |f: &str| std::fs::read_to_string(control.join(f)).unwrap_or_default();
+    let (conffiles, postinst, postrm) = (read("conffiles"), read("postinst"), read("postrm"));
+    let _ = std::fs::remove_dir_all(&control);
+    if conffiles.trim() != "/etc/tcpstate/tcpstate.toml" {
+        return Err(format!("{deb}: conffiles are `{conffiles}`"));
+    }
+    if !postinst.contains("useradd --system") || !postrm.contains("userdel tcpstate") {
+        return Err(format!(
+            "{deb}: postinst/postrm do not make and remove the user"
+        ));
+    }
+    Ok(())
 }
 
 /// The static agent gives its API socket to the `tcpstate` group, as the dynamic one does: the

@@ -8,7 +8,12 @@ use std::process::{Command, ExitCode, Stdio};
 
 mod bench;
 mod busy;
+mod deb_vm;
 mod dist;
+mod image;
+mod kernels;
+mod kube;
+mod setup;
 // The agent harness the integration tests use, compiled here too: one way to start, scrape and
 // stop the agent. Not every helper is needed here.
 #[allow(dead_code)]
@@ -30,6 +35,10 @@ commands:
                    every target for 10 s
   dist [--check]   setup, build the release artifacts in target/dist: a static binary and a
                    tarball; --check runs the release checks on them (`test` always does)
+  test-kernels [KERNEL...]
+                   setup, build, boot Debian's 5.10, 6.1 and 6.12 kernels under qemu (virtme-ng)
+                   and run the tests inside each, and the .deb's install check on 6.1; `test`
+                   runs it too (KERNEL: bullseye, bookworm, trixie or 5.10, 6.1, 6.12)
   gen-rules        write deploy/kubernetes/prometheusrule.yaml from deploy/prometheus/tcpstate-alerts.yml
 ";
 
@@ -44,18 +53,7 @@ const FUZZ_TARGETS: &[&str] = &[
 /// The cargo-fuzz release installed for them.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// Debian packages the tests and the agent use: `ss` and `ip` (iproute2), `promtool` and
-/// `prometheus` (prometheus), `setpriv` (util-linux).
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    ("ss", "iproute2"),
-    ("ip", "iproute2"),
-    ("promtool", "prometheus"),
-    ("prometheus", "prometheus"),
-    ("setpriv", "util-linux"),
-];
-
-/// The bpf-linker release built against the eBPF toolchain's own LLVM.
-const BPF_LINKER_VERSION: &str = "0.13.0";
+use setup::setup;
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -89,12 +87,18 @@ fn main() -> ExitCode {
         "dist" => setup().and_then(|env| {
             let a = dist::build(&env)?;
             if rest.iter().any(|r| r == "--check") {
-                let n = dist::check(&a)?;
+                let n = release_checks(&a)?;
                 eprintln!("xtask: {n} release checks passed");
             }
             Ok(())
         }),
+        "test-kernels" => setup().and_then(|env| {
+            let a = dist::build(&env)?;
+            kernels::test_kernels(&env, Some(&a.deb), rest).map(|_| ())
+        }),
         "gen-rules" => gen_rules(),
+        // Internal: the .deb's install check, run by test-kernels inside a kernel VM.
+        "deb-check-inside" => deb_vm::main(rest),
         "fuzz" => setup().and_then(|env| fuzz_command(&env, rest)),
         // Internal: the benchmark's churn loop, run inside its network namespace.
         "churn-worker" => bench::worker(rest),
@@ -197,138 +201,6 @@ impl BuildEnv {
     }
 }
 
-/// Installs what is missing: rust-src for the eBPF toolchain, bpf-linker built against that
-/// toolchain's LLVM, and the Debian packages the tests use.
-fn setup() -> Result<BuildEnv> {
-    let mut benv = BuildEnv::default();
-
-    // The eBPF crate needs `-Z build-std=core`: nightly, or stable with RUSTC_BOOTSTRAP=1.
-    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
-    let toolchain = if toolchains.lines().any(|l| l.starts_with("nightly")) {
-        "nightly"
-    } else {
-        eprintln!(
-            "xtask: no nightly toolchain: building the eBPF crate with stable and RUSTC_BOOTSTRAP=1"
-        );
-        benv.vars
-            .push(("TCPSTATE_EBPF_TOOLCHAIN".into(), "stable".into()));
-        benv.vars.push(("RUSTC_BOOTSTRAP".into(), "1".into()));
-        "stable"
-    };
-    benv.toolchain = toolchain.to_string();
-    let sysroot = output(
-        Command::new("rustc")
-            .arg(format!("+{toolchain}"))
-            .args(["--print", "sysroot"]),
-    )?;
-    let sysroot = PathBuf::from(sysroot);
-    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        sh(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            toolchain,
-        ]))?;
-    }
-
-    ensure_bpf_linker(toolchain, &sysroot)?;
-
-    // The static release binary (`cargo xtask dist`).
-    let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
-    if !targets.lines().any(|t| t == dist::MUSL) {
-        sh(Command::new("rustup").args(["target", "add", dist::MUSL]))?;
-    }
-
-    // The manifest checks validate offline against the Kubernetes schemas.
-    if !have("kubernetes-validate") {
-        sh(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "kubernetes-validate==1.37.0",
-        ]))?;
-    }
-
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .filter(|(cmd, _)| !have(cmd))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if !missing.is_empty() {
-        if !is_root() {
-            return Err(format!(
-                "missing Debian packages {missing:?}: run `cargo xtask setup` as root, or `apt-get install {}`",
-                missing.join(" ")
-            ));
-        }
-        let mut pkgs = missing.clone();
-        pkgs.dedup();
-        sh(Command::new("apt-get").args(["update", "-q"]))?;
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&pkgs)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
-    Ok(benv)
-}
-
-/// bpf-linker must link against the same LLVM the eBPF toolchain's rustc uses; the only LLVM of
-/// that version here is the toolchain's own `libLLVM`, so point `LLVM_PREFIX` at it.
-fn ensure_bpf_linker(toolchain: &str, sysroot: &Path) -> Result {
-    // It links libLLVM dynamically from the toolchain's lib dir, which `rustup run` puts on the
-    // loader path (as it does when aya-build runs the eBPF build), so check it the same way.
-    if let Ok(v) =
-        output(Command::new("rustup").args(["run", toolchain, "bpf-linker", "--version"]))
-        && v.contains(BPF_LINKER_VERSION)
-    {
-        return Ok(());
-    }
-    let verbose = output(
-        Command::new("rustc")
-            .arg(format!("+{toolchain}"))
-            .arg("-vV"),
-    )?;
-    let llvm_major = verbose
-        .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))
-        .and_then(|v| v.split('.').next())
-        .ok_or("cannot read the LLVM version from `rustc -vV`")?
-        .to_string();
-    let libdir = sysroot.join("lib");
-    let lib = std::fs::read_dir(&libdir)
-        .map_err(|e| format!("cannot list {}: {e}", libdir.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().starts_with("libLLVM.so."))
-                .unwrap_or(false)
-        })
-        .ok_or_else(|| format!("no libLLVM.so.* in {}", libdir.display()))?;
-    let home = env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let prefix = PathBuf::from(home).join(".cache/tcpstate/llvm-prefix");
-    std::fs::create_dir_all(prefix.join("lib"))
-        .map_err(|e| format!("{}: {e}", prefix.display()))?;
-    let link = prefix.join("lib/libLLVM.so");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&lib, &link).map_err(|e| format!("{}: {e}", link.display()))?;
-    sh(Command::new("cargo")
-        .args([
-            "install",
-            "--force",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-        ])
-        .args([
-            "--no-default-features",
-            "--features",
-            &format!("llvm-{llvm_major}"),
-        ])
-        .env("LLVM_PREFIX", &prefix))
-}
-
 /// Builds target/release/tcpstate; with `variant`, the eBPF program's benchmark variant
 /// (`TCPSTATE_BENCH_VARIANT`, see `cargo xtask bench --breakdown`).
 fn build(benv: &BuildEnv, variant: Option<&str>) -> Result {
@@ -384,9 +256,23 @@ fn test(benv: &BuildEnv) -> Result {
     ]);
     let (passed, failed) = run_counting_tests(&mut cmd)?;
     // The release artifacts, built and checked the way a fleet gets them.
-    let released = dist::build(benv).and_then(|a| dist::check(&a));
+    let built = dist::build(benv);
+    let released = built
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(release_checks);
     let (passed, failed) = match &released {
         Ok(n) => (passed + n, failed),
+        Err(_) => (passed, failed + 1),
+    };
+    // The same tests on the kernels fleets run, and the .deb installed in one of them.
+    let deb = built.as_ref().ok().map(|a| a.deb.as_path());
+    let kerneled = kernels::test_kernels(benv, deb, &[]);
+    let (passed, failed) = match &kerneled {
+        Ok(outcomes) => (
+            passed + outcomes.iter().map(|o| o.passed).sum::<u64>(),
+            failed,
+        ),
         Err(_) => (passed, failed + 1),
     };
     // A short bounded run of every fuzz target: each must build and survive its seeds and
@@ -399,11 +285,18 @@ fn test(benv: &BuildEnv) -> Result {
     // Cargo's last line is often a doc-test binary with nothing in it: close on the total.
     println!("tests: {passed} passed, {failed} failed");
     released.map_err(|e| format!("release check failed: {e}"))?;
+    kerneled.map_err(|e| format!("kernel tests failed: {e}"))?;
     fuzzed?;
     if passed == 0 {
         return Err("no test ran".into());
     }
     Ok(())
+}
+
+/// The checks of the artifacts on this host: the binary, the tarball and the .deb's contents,
+/// then the image (loads, runs under the DaemonSet's context, plays as its pod template).
+fn release_checks(a: &dist::Artifacts) -> Result<u64> {
+    Ok(dist::check(a)? + image::check(&a.image, &root())?)
 }
 
 fn fuzz_command(benv: &BuildEnv, args: &[String]) -> Result {
