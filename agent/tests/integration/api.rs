@@ -239,7 +239,7 @@ fn watch_fresh_connection(ns: &Netns, sock: &str, wport: u16) -> Vec<(String, St
         }
     });
     let mut seen: Vec<(String, String, String)> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
     while seen.len() < 10 {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = rx.recv_timeout(left) else {
@@ -315,7 +315,7 @@ fn bad_requests_get_an_error_and_the_agent_keeps_answering() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("version:"), "{out}");
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < patience(Duration::from_secs(2)),
         "status waited on the half request"
     );
     let reply = half.join().unwrap();

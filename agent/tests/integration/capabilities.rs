@@ -88,7 +88,7 @@ fn run_with_memlock(
         .spawn()
         .expect("prlimit and setpriv (util-linux)");
     // Serving metrics with events counted means it works.
-    let deadline = Instant::now() + Duration::from_secs(8);
+    let deadline = Instant::now() + patience(Duration::from_secs(8));
     let mut works = false;
     while Instant::now() < deadline {
         if child.try_wait().unwrap().is_some() {

@@ -163,7 +163,7 @@ fn transitions_during(
     scenario();
 
     let mut by_sock: BTreeMap<u64, Vec<Transition>> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
     while !done(&by_sock) && Instant::now() < deadline {
         let batch = rt.block_on(async {
             tokio::time::timeout(Duration::from_millis(200), rx.recv())

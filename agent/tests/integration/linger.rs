@@ -290,6 +290,11 @@ impl Prometheus {
 
     /// Alerts named `name` with label port=`port`, with their state.
     fn alerts(&self, name: &str, port: u16) -> Vec<String> {
+        self.alert_labels(name, port, "state")
+    }
+
+    /// The `field` of the alerts named `name` with label port=`port`: `state`, or a label.
+    fn alert_labels(&self, name: &str, port: u16, field: &str) -> Vec<String> {
         let mut resp = match ureq::get(&format!("http://{}/api/v1/alerts", self.addr)).call() {
             Ok(r) => r,
             Err(_) => return vec![],
@@ -304,7 +309,14 @@ impl Prometheus {
                 a["labels"]["alertname"] == name
                     && a["labels"]["port"].as_str() == Some(port.to_string().as_str())
             })
-            .map(|a| a["state"].as_str().unwrap_or("").to_string())
+            .map(|a| {
+                let v = if field == "state" {
+                    &a["state"]
+                } else {
+                    &a["labels"][field]
+                };
+                v.as_str().unwrap_or("").to_string()
+            })
             .collect()
     }
 }
@@ -337,8 +349,11 @@ fn the_close_wait_alert_fires_in_prometheus_and_resolves() {
         }
     });
     assert_eq!(states, ["firing"], "one alert, for the server role");
-    // The FIN_WAIT_2 alert has nothing to say about this port.
-    assert!(prom.alerts("TcpstateFinWait2Lingering", port).is_empty());
+    // The FIN_WAIT_2 alert says nothing of the servers. It may speak of the clients: the leak's
+    // clients closed first, and their orphaned ends wait out tcp_fin_timeout in FIN_WAIT_2, which
+    // the dumps count (on a slow machine, before the CLOSE_WAIT alert fires).
+    let roles = prom.alert_labels("TcpstateFinWait2Lingering", port, "role");
+    assert!(roles.iter().all(|r| r == "client"), "{roles:?}");
 
     drop(servers);
     drop(listener);

@@ -211,7 +211,7 @@ impl AgentProc {
             &args,
             Stdio::from(log),
             harness::Ready::Serving,
-            Duration::from_secs(20),
+            patience(Duration::from_secs(20)),
         );
         match started {
             Ok(agent) => AgentProc {
@@ -248,7 +248,7 @@ impl AgentProc {
     pub fn wait_seeded(&mut self) {
         let waited = self
             .agent
-            .wait(harness::Ready::Seeded, Duration::from_secs(20));
+            .wait(harness::Ready::Seeded, patience(Duration::from_secs(20)));
         waited.unwrap_or_else(|e| panic!("{e}: {}", self.log_text()));
     }
 
@@ -286,7 +286,7 @@ impl AgentProc {
         self.agent.signal(name).unwrap();
         let status = self
             .agent
-            .wait_exit(Duration::from_secs(10))
+            .wait_exit(patience(Duration::from_secs(10)))
             .unwrap_or_else(|e| panic!("{e} of {signal}"));
         (status, self.log_text())
     }
@@ -332,8 +332,23 @@ pub fn leak_close_wait(port: u16, n: usize) -> (std::net::TcpListener, Vec<std::
     (listener, servers)
 }
 
-/// Polls `f` until it returns Ok or `timeout` passes; then panics with the last error.
+/// How much longer than on a real machine the waits may take: `TCPSTATE_TEST_PATIENCE` (a whole
+/// factor, default 1). `cargo xtask test-kernels` sets it inside its VMs, where qemu's TCG runs
+/// everything several times slower. Only deadlines stretch: a test that passes returns as soon as
+/// its condition holds.
+pub fn patience(d: Duration) -> Duration {
+    let factor = std::env::var("TCPSTATE_TEST_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * factor
+}
+
+/// Polls `f` until it returns Ok or `timeout` (times [`patience`]) passes; then panics with the
+/// last error.
 pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let timeout = patience(timeout);
     let deadline = Instant::now() + timeout;
     loop {
         match f() {
