@@ -38,8 +38,8 @@ commands:
   test-kernels [KERNEL...]
                    setup, build, boot Debian's 5.10, 6.1 and 6.12 kernels under qemu (virtme-ng)
                    and run the tests inside each, and the .deb's install check on 6.1; `test`
-                   runs it too, with every test on 5.10 and the kernel-facing ones on the
-                   others (KERNEL: bullseye, bookworm, trixie or 5.10, 6.1, 6.12)
+                   runs it too, with the kernel-facing integration tests only
+                   (KERNEL: bullseye, bookworm, trixie or 5.10, 6.1, 6.12)
   gen-rules        write deploy/kubernetes/prometheusrule.yaml from deploy/prometheus/tcpstate-alerts.yml
 ";
 
