@@ -288,18 +288,9 @@ fn test_binaries(benv: &BuildEnv) -> Result<Vec<PathBuf>> {
 
 /// `cargo test`'s counts in `log`.
 fn counts(log: &str) -> (u64, u64) {
-    let mut sum = (0, 0);
-    for rest in log.lines().filter_map(|l| l.strip_prefix("test result: ")) {
-        let n = |word: &str| {
-            rest.split(['.', ';'])
-                .find_map(|p| p.trim().strip_suffix(word))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        sum.0 += n(" passed");
-        sum.1 += n(" failed");
-    }
-    sum
+    log.lines()
+        .filter_map(crate::test_result_counts)
+        .fold((0, 0), |(p, f), (dp, df)| (p + dp, f + df))
 }
 
 /// Boots each kernel, runs the tests inside (all of them with `everything`, else [`FOCUSED`])

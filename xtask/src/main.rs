@@ -335,15 +335,7 @@ fn fuzz_command(benv: &BuildEnv, args: &[String]) -> Result {
 /// figures go in a table.
 fn fuzz(benv: &BuildEnv, targets: &[&str], seconds: u64) -> Result {
     let root = root();
-    if !output(Command::new("cargo").args(["fuzz", "--version"]))
-        .is_ok_and(|v| v.contains(CARGO_FUZZ_VERSION))
-    {
-        sh(Command::new("cargo").args([
-            "install",
-            "--locked",
-            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
-        ]))?;
-    }
+    setup::cargo_install("fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION)?;
     let dir = root.join("agent/fuzz");
     println!("| fuzz target | seconds | inputs tried | new inputs | corpus | crashes or hangs |");
     println!("|---|---|---|---|---|---|");
@@ -417,16 +409,9 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     for line in std::io::BufReader::new(stdout).lines() {
         let line = line.map_err(|e| e.to_string())?;
         println!("{line}");
-        // `test result: ok. 7 passed; 0 failed; 0 ignored; ...`
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |word: &str| {
-                rest.split(['.', ';'])
-                    .find_map(|p| p.trim().strip_suffix(word))
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            passed += count(" passed");
-            failed += count(" failed");
+        if let Some((p, f)) = test_result_counts(&line) {
+            passed += p;
+            failed += f;
         }
     }
     let status = child.wait().map_err(|e| e.to_string())?;
@@ -435,6 +420,18 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
         return Err(format!("`{}` failed ({status})", show(cmd)));
     }
     Ok((passed, failed))
+}
+
+/// The counts of one of cargo test's `test result: ok. 7 passed; 0 failed; ...` lines.
+pub fn test_result_counts(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(['.', ';'])
+            .find_map(|p| p.trim().strip_suffix(word))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some((count(" passed"), count(" failed")))
 }
 
 /// The PrometheusRule of the Kubernetes manifests, generated from the Prometheus rule file so

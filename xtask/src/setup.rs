@@ -87,34 +87,11 @@ pub fn setup() -> Result<BuildEnv> {
 fn ensure_tools() -> Result {
     // The manifest checks validate offline against the Kubernetes schemas.
     if !have("kubernetes-validate") {
-        sh(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "kubernetes-validate==1.37.0",
-        ]))?;
+        pip_install("kubernetes-validate==1.37.0")?;
     }
-
-    if !output(Command::new("cargo").args(["deb", "--version"]))
-        .is_ok_and(|v| v.contains(CARGO_DEB_VERSION))
-    {
-        sh(Command::new("cargo").args([
-            "install",
-            "--locked",
-            &format!("cargo-deb@{CARGO_DEB_VERSION}"),
-        ]))?;
-    }
+    cargo_install("deb", "cargo-deb", CARGO_DEB_VERSION)?;
     if !output(Command::new("vng").arg("--version")).is_ok_and(|v| v.contains(VIRTME_NG_VERSION)) {
-        sh(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            &format!("virtme-ng=={VIRTME_NG_VERSION}"),
-        ]))?;
+        pip_install(&format!("virtme-ng=={VIRTME_NG_VERSION}"))?;
     }
 
     let missing: Vec<&str> = DEBIAN_PACKAGES
@@ -138,6 +115,29 @@ fn ensure_tools() -> Result {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     Ok(())
+}
+
+/// Installs a PyPI package (`name==version`) with the machine's python3.
+fn pip_install(spec: &str) -> Result {
+    sh(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        spec,
+    ]))
+}
+
+/// Installs `package@version` from crates.io unless `cargo SUBCOMMAND --version` already names
+/// that version.
+pub fn cargo_install(subcommand: &str, package: &str, version: &str) -> Result {
+    if output(Command::new("cargo").args([subcommand, "--version"]))
+        .is_ok_and(|v| v.contains(version))
+    {
+        return Ok(());
+    }
+    sh(Command::new("cargo").args(["install", "--locked", &format!("{package}@{version}")]))
 }
 
 /// bpf-linker must link against the same LLVM the eBPF toolchain's rustc uses; the only LLVM of
