@@ -6,13 +6,12 @@
 //! postinst made, runs the installed agent as that user with exactly the unit's capabilities
 //! (setpriv, as systemd would), sees a CLOSE_WAIT leak counted on its port, removes the package
 //! (the edited conffile and the user stay), purges it, and finds nothing left.
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::image::{http_get, wait_for};
-use crate::{Result, harness, output, sh};
+use crate::image::{http_get, leak_is_counted, wait_for};
+use crate::{Result, output, sh};
 
 const UNIT: &str = "/usr/lib/systemd/system/tcpstate.service";
 const CONFIG: &str = "/etc/tcpstate/tcpstate.toml";
@@ -133,26 +132,8 @@ fn counts_a_leak_as_the_unit_runs_it() -> Result {
         Ok(http_get(&[], &format!("http://{LISTEN}/readyz"))?.0 == 200)
     })
     .map_err(|e| format!("the installed agent, run as tcpstate: {e}"))?;
-    let server = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let port = server
-        .local_addr()
-        .map_err(|e| e.to_string())?
-        .port()
-        .to_string();
-    let client = TcpStream::connect(server.local_addr().map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
-    let (_held, _) = server.accept().map_err(|e| e.to_string())?;
-    drop(client);
-    let want = [
-        ("port", port.as_str()),
-        ("role", "server"),
-        ("state", "close_wait"),
-    ];
-    wait_for(Duration::from_secs(20), || {
-        let (_, text) = http_get(&[], &format!("http://{LISTEN}/metrics"))?;
-        Ok(harness::value(&text, "tcpstate_connections", &want) == Some(1.0))
-    })
-    .map_err(|e| format!("the installed agent never counted the CLOSE_WAIT leak on {port}: {e}"))?;
+    let (port, _held) = leak_is_counted(LISTEN, Duration::from_secs(20))
+        .map_err(|e| format!("the installed agent, run as tcpstate: {e}"))?;
     let socket = output(Command::new("stat").args(["-c", "%U:%G", "/run/tcpstate/tcpstate.sock"]))?;
     if socket != "tcpstate:tcpstate" {
         return Err(format!("the API socket belongs to {socket}"));

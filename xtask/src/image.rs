@@ -300,23 +300,8 @@ fn ready_then_leak(image: &Image, name: &str, listen: &str, run_dir: &Path) -> R
         Ok(http_get(&[], &format!("http://{listen}/readyz"))?.0 == 200)
     })
     .map_err(|e| format!("the image under the DaemonSet's context: {e}\n{}", logs()))?;
-    // Server side in CLOSE_WAIT: the client closes, the server never does.
-    let server = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let port = server.local_addr().map_err(|e| e.to_string())?.port();
-    let client = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    let (_held, _) = server.accept().map_err(|e| e.to_string())?;
-    drop(client);
+    let (port, _held) = leak_is_counted(listen, Duration::from_secs(15))?;
     let port_text = port.to_string();
-    let want = [
-        ("port", port_text.as_str()),
-        ("role", "server"),
-        ("state", "close_wait"),
-    ];
-    wait_for(Duration::from_secs(15), || {
-        let (_, text) = http_get(&[], &format!("http://{listen}/metrics"))?;
-        Ok(harness::value(&text, "tcpstate_connections", &want) == Some(1.0))
-    })
-    .map_err(|e| format!("the CLOSE_WAIT leak on port {port} never showed in /metrics: {e}"))?;
     let socket = run_dir.join("tcpstate.sock");
     let conns = output(
         Command::new(crate::root().join("target/dist/tcpstate"))
@@ -336,6 +321,30 @@ fn ready_then_leak(image: &Image, name: &str, listen: &str, run_dir: &Path) -> R
         ));
     }
     Ok(())
+}
+
+/// Makes a CLOSE_WAIT leak on a port of its own (the client closes, the server never does) and
+/// waits up to `timeout` for the agent at `listen` to count it:
+/// `tcpstate_connections{port,role="server",state="close_wait"} 1`. Returns the port and the
+/// server's end, which holds the leak open while the caller keeps it.
+pub fn leak_is_counted(listen: &str, timeout: Duration) -> Result<(u16, TcpStream)> {
+    let server = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = server.local_addr().map_err(|e| e.to_string())?.port();
+    let client = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let (held, _) = server.accept().map_err(|e| e.to_string())?;
+    drop(client);
+    let port_text = port.to_string();
+    let want = [
+        ("port", port_text.as_str()),
+        ("role", "server"),
+        ("state", "close_wait"),
+    ];
+    wait_for(timeout, || {
+        let (_, text) = http_get(&[], &format!("http://{listen}/metrics"))?;
+        Ok(harness::value(&text, "tcpstate_connections", &want) == Some(1.0))
+    })
+    .map_err(|e| format!("the CLOSE_WAIT leak on port {port} never showed in /metrics: {e}"))?;
+    Ok((port, held))
 }
 
 /// Polls `ready` every 200 ms until it says true or `timeout` passes.
