@@ -112,6 +112,8 @@ impl TableTask {
                 while let Ok(batch) = self.batches.try_recv() {
                     self.apply_batch(&batch);
                 }
+                self.table
+                    .set_ephemeral_ranges(dump.ephemeral.iter().map(|(n, r)| (*n, r.clone())));
                 self.reconcile(&dump, started_ns, fin_timeout);
             }
         }

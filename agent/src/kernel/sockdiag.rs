@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +22,7 @@ use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 use tcpstate_common::TcpState;
 use thiserror::Error;
 
+use super::procfs;
 use crate::model::event::KernelSocket;
 
 #[derive(Debug, Error)]
@@ -182,9 +184,29 @@ pub(crate) fn namespaces(proc: &Path) -> BTreeMap<u32, PathBuf> {
 
 /// Dumps one namespace from a thread of its own (setns changes only the calling thread).
 pub(crate) fn dump_namespace(netns: u32, path: &Path) -> Result<Vec<KernelSocket>, SockDiagError> {
+    in_namespace(netns, path, || dump_here(netns))
+}
+
+/// One namespace's sockets and its `ip_local_port_range` (sysctls under `/proc/sys/net` are
+/// those of the reading thread's namespace).
+pub(crate) fn dump_namespace_with_range(
+    netns: u32,
+    path: &Path,
+) -> Result<(Vec<KernelSocket>, RangeInclusive<u16>), SockDiagError> {
+    in_namespace(netns, path, || {
+        Ok((dump_here(netns)?, procfs::ephemeral_range()))
+    })
+}
+
+/// Runs `f` in namespace `netns` (entered through `path`) on a thread of its own.
+fn in_namespace<T: Send>(
+    netns: u32,
+    path: &Path,
+    f: impl FnOnce() -> Result<T, SockDiagError> + Send,
+) -> Result<T, SockDiagError> {
     // Our own namespace needs no setns (nor the CAP_SYS_ADMIN it takes).
     if netns_inode(Path::new("/proc/thread-self/ns/net")).ok() == Some(netns) {
-        return dump_here(netns);
+        return f();
     }
     let path = path.to_path_buf();
     std::thread::scope(|s| {
@@ -199,7 +221,7 @@ pub(crate) fn dump_namespace(netns: u32, path: &Path) -> Result<Vec<KernelSocket
                     source,
                 }
             })?;
-            dump_here(netns)
+            f()
         })
         .join()
         .unwrap_or_else(|_| Err(SockDiagError::Decode("dump thread panicked".into())))
@@ -212,15 +234,18 @@ pub(crate) struct HostDump {
     pub(crate) sockets: Vec<KernelSocket>,
     pub(crate) namespaces: usize,
     pub(crate) failed: Vec<(u32, String)>,
+    /// Each dumped namespace's `ip_local_port_range`.
+    pub(crate) ephemeral: BTreeMap<u32, RangeInclusive<u16>>,
 }
 
 pub(crate) fn dump_host(proc: &Path) -> HostDump {
     let mut dump = HostDump::default();
     for (netns, path) in namespaces(proc) {
-        match dump_namespace(netns, &path) {
-            Ok(mut s) => {
+        match dump_namespace_with_range(netns, &path) {
+            Ok((mut s, range)) => {
                 dump.namespaces += 1;
                 dump.sockets.append(&mut s);
+                dump.ephemeral.insert(netns, range);
             }
             Err(e) => dump.failed.push((netns, e.to_string())),
         }

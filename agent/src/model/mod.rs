@@ -7,3 +7,4 @@ pub mod linger;
 pub(crate) mod query;
 pub(crate) mod state;
 pub mod table;
+pub(crate) mod teardown;

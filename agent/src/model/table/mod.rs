@@ -39,6 +39,7 @@ use tcpstate_common::TcpState;
 
 mod apply;
 pub(crate) mod conn;
+pub(crate) mod ephemeral;
 pub(crate) mod reconcile;
 pub(crate) mod stats;
 #[cfg(test)]
@@ -53,7 +54,10 @@ pub(crate) use stats::DEFAULT_HISTOGRAM_PORTS;
 use stats::Durations;
 pub(crate) use stats::{BUCKETS_SECONDS, BudgetFull, Hist, PortStats};
 
+use super::event::KernelSocket;
 use super::state::{DEFAULT_DURATION_STATES, StateSet};
+use ephemeral::TimewaitDests;
+pub(crate) use ephemeral::{DestUse, EphemeralUse};
 
 /// An orphaned `FIN_WAIT2` (timewait) socket of the last dump: counted, not tracked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +108,9 @@ pub struct Snapshot {
     /// Ports with a slot, per role (`other` not included), and the budget.
     pub(crate) ports_tracked: [usize; 2],
     pub(crate) max_ports: usize,
+    /// Orphaned FIN_WAIT2 sockets of the last dump per (role, port): count, oldest entry time.
+    pub(crate) orphans: Vec<(Role, PortKey, u64, u64)>,
+    pub(crate) ephemeral: EphemeralUse,
 }
 
 /// The connection table.
@@ -127,6 +134,10 @@ pub struct Table {
     listening: FxHashMap<(u32, u16), u32>,
     /// `net.ipv4.ip_local_port_range`, to infer the role of sockets first seen mid-life.
     ephemeral: RangeInclusive<u16>,
+    /// Each namespace's range, from the last dump (else `ephemeral`).
+    ranges: FxHashMap<u32, RangeInclusive<u16>>,
+    /// Client timewait sockets of the last dump per destination.
+    tw_dests: TimewaitDests,
     counters: TableCounters,
     departures: Vec<Departure>,
     /// Seeded sockets by 4-tuple, to adopt them when their real socket's events arrive.
@@ -160,6 +171,8 @@ impl Table {
             evict_failed_ns: [None; 2],
             listening: FxHashMap::default(),
             ephemeral,
+            ranges: FxHashMap::default(),
+            tw_dests: TimewaitDests::default(),
             counters: TableCounters::default(),
             departures: Vec::new(),
             seeded_by_tuple: FxHashMap::default(),
@@ -274,6 +287,17 @@ impl Table {
             }
         }
         ports.sort_by_key(|(role, key, _)| (*role, *key));
+        let mut orphans: FxHashMap<(Role, PortKey), (u64, u64)> = FxHashMap::default();
+        for o in &self.orphans {
+            let slot = orphans.entry((o.role, o.key)).or_insert((0, u64::MAX));
+            slot.0 += 1;
+            slot.1 = slot.1.min(o.since_ns);
+        }
+        let mut orphans: Vec<_> = orphans
+            .into_iter()
+            .map(|((role, key), (n, oldest))| (role, key, n, oldest))
+            .collect();
+        orphans.sort();
         Snapshot {
             ports,
             tracked_sockets: self.conns.len(),
@@ -281,6 +305,8 @@ impl Table {
             reconcile: self.reconcile,
             ports_tracked: self.slots,
             max_ports: self.max_ports,
+            orphans,
+            ephemeral: self.ephemeral_use(),
         }
     }
 

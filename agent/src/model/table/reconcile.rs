@@ -305,9 +305,11 @@ impl Table {
         use TcpState::*;
         self.timewait.clear();
         self.orphans.clear();
+        self.tw_dests.clear();
         for d in dump.iter().filter(|d| d.timewait) {
             let (role, port) = self.dump_role(d, listening);
             let key = self.port_key(role, d.netns, port, false, now_ns);
+            self.count_timewait_dest(role, key, d);
             let stats = self.stats.entry((role, key)).or_default();
             stats.seen.insert(d.state);
             stats.last_active_ns = stats.last_active_ns.max(now_ns);

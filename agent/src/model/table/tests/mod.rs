@@ -9,6 +9,7 @@ pub(super) use TcpState::*;
 
 mod apply;
 mod budget;
+mod ephemeral;
 mod properties;
 mod reconcile;
 
