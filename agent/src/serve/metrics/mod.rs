@@ -13,6 +13,8 @@ use crate::model::query::View;
 use crate::model::state::STATES;
 use crate::model::table::{BUCKETS_SECONDS, Hist, PortKey, PortStats, Role};
 
+mod teardown;
+
 /// Everything one scrape shows.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Sources {
@@ -68,6 +70,7 @@ pub(crate) fn families(s: &Sources) -> Vec<MetricFamily> {
     let lingering = out.split_off(5);
     out.extend(budget(s));
     out.extend(lingering);
+    out.extend(teardown::families(&s.view));
     out.push(linger_thresholds(s));
     out.extend(pipeline(s));
     out.push(build_info());
