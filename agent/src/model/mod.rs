@@ -2,6 +2,7 @@
 //! per-port aggregates, the linger detector, and the queries the servers make. No tokio, aya,
 //! netlink, logging or file system here: every function is a computation on values, unit-tested
 //! without privileges (a test in `tests/layers.rs` keeps it so).
+pub(crate) mod diagnose;
 pub mod event;
 pub mod linger;
 pub(crate) mod query;

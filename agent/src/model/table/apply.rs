@@ -4,6 +4,7 @@ use tcpstate_common::TcpState;
 use super::stats::{MATTERS, Observe};
 use super::{Conn, PortKey, Role, Table, Tuple, complete, depart, role_of};
 use crate::model::event::Transition;
+use crate::model::teardown::CloseHow;
 
 impl Table {
     /// Applies one transition.
@@ -84,6 +85,11 @@ impl Table {
                 .observe(stats, role, key, Observe::State(t.old, ns));
         }
         if t.new == TcpState::Close {
+            let aborted =
+                matches!(CloseHow::of(t.old), Some(CloseHow::Reset)) || t.old == TcpState::SynSent;
+            if aborted && conn.pid != 0 {
+                stats.last_abort_pid = conn.pid;
+            }
             if conn.opened_ns != 0 && !conn.listener {
                 let life = Observe::Lifetime(t.ts_ns.saturating_sub(conn.opened_ns));
                 fold[1] = self.durations.observe(stats, role, key, life);

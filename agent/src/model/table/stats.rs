@@ -93,6 +93,9 @@ pub(crate) struct PortStats {
     pub(crate) lingering_detected: [u64; 2],
     /// CLOCK_MONOTONIC ns of the last transition or dump that found a socket on this port.
     pub(crate) last_active_ns: u64,
+    /// The pid that opened the last client connection of this port to end in a reset or a
+    /// failed connect (0: none, or unknown).
+    pub(crate) last_abort_pid: u32,
 }
 
 impl PortStats {
