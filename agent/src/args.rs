@@ -1,7 +1,7 @@
 //! The command line: `tcpstate agent` and the client commands, as one clap definition.
 use clap::{Parser, Subcommand};
 
-use crate::cli::args::{ClientArgs, ConnsArgs, WatchArgs};
+use crate::cli::args::{ClientArgs, ConnsArgs, DoctorArgs, WatchArgs};
 use crate::config::flags::AgentArgs;
 
 #[derive(Debug, Parser)]
@@ -44,6 +44,12 @@ pub enum Command {
     /// The agent: version, uptime, kernel, event rate, losses, tracked sockets.
     #[command(after_help = "Example:\n  tcpstate status")]
     Status(ClientArgs),
+    /// What is wrong, in plain words: leaks, half-closed connections, port exhaustion, resets,
+    /// failed connects; where, who, why and what to do. The most severe first.
+    #[command(
+        after_help = "Exit status: 0 no findings, 1 warnings, 2 critical findings, 3 the agent could not be asked.\n\nExample:\n  tcpstate doctor\n  tcpstate doctor --port 8080 --json"
+    )]
+    Doctor(DoctorArgs),
 }
 
 #[cfg(test)]

@@ -45,5 +45,6 @@ fn main() -> ExitCode {
         Command::Status(args) => tcpstate::cli::status(&args),
         Command::Conns(args) => tcpstate::cli::conns(&args),
         Command::Watch(args) => tcpstate::cli::watch(&args),
+        Command::Doctor(args) => tcpstate::cli::doctor::doctor(&args),
     }
 }

@@ -45,3 +45,12 @@ pub struct WatchArgs {
     #[arg(long, value_name = "STATE")]
     pub(crate) state: Option<StateName>,
 }
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    /// Only findings about this service port.
+    #[arg(long, value_name = "PORT")]
+    pub(crate) port: Option<u16>,
+}

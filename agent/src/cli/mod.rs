@@ -7,6 +7,7 @@ use crate::serve::api::protocol::{Command, Reply};
 
 pub mod args;
 pub(crate) mod client;
+pub mod doctor;
 pub(crate) mod render;
 
 use args::{ClientArgs, ConnsArgs, WatchArgs};
@@ -101,7 +102,7 @@ pub fn watch(args: &WatchArgs) -> ExitCode {
     }
 }
 
-fn fail(e: &ClientError) -> ExitCode {
+pub(crate) fn fail(e: &ClientError) -> ExitCode {
     eprintln!("tcpstate: {e}");
     ExitCode::from(1)
 }

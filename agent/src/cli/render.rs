@@ -64,6 +64,8 @@ pub(crate) fn ports(rows: &[PortRow], colour: bool) -> String {
         "OTHER",
         "LINGERING",
         "OLDEST",
+        "RESETS",
+        "FAILED",
     ]);
     let body: Vec<(Vec<String>, bool)> = rows
         .iter()
@@ -87,6 +89,12 @@ pub(crate) fn ports(rows: &[PortRow], colour: bool) -> String {
                 } else {
                     "-".into()
                 },
+                if r.closes > 0 {
+                    format!("{}/{}", r.resets, r.closes)
+                } else {
+                    "-".into()
+                },
+                r.connect_failures.to_string(),
             ]);
             (cells, r.lingering > 0)
         })
@@ -230,7 +238,7 @@ pub(crate) fn human_duration(secs: f64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::serve::api::protocol::OwnerRow;
 
@@ -249,6 +257,9 @@ mod tests {
                 lingering_close_wait: 3,
                 lingering_fin_wait2: 0,
                 oldest_lingering_seconds: 192.4,
+                closes: 250,
+                resets: 31,
+                connect_failures: 0,
             },
             PortRow {
                 port: "5432".into(),
@@ -259,6 +270,8 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v))
                     .collect(),
                 total: 47,
+                closes: 900,
+                connect_failures: 12,
                 ..PortRow::default()
             },
         ]
@@ -305,7 +318,7 @@ mod tests {
     }
 
     /// Compares with `tests/golden/NAME`; `UPDATE_GOLDEN=1` rewrites the file instead.
-    fn golden(name: &str, actual: &str) {
+    pub(crate) fn golden(name: &str, actual: &str) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/golden")
             .join(name);

@@ -66,7 +66,8 @@ pub fn socket_inode(link: &str) -> Option<u32> {
         .ok()
 }
 
-fn describe(proc: &Path, pid: u32) -> Owner {
+/// The process `pid` as an owner: its command, cgroup and container (empty when it is gone).
+pub(crate) fn describe(proc: &Path, pid: u32) -> Owner {
     let dir = proc.join(pid.to_string());
     let comm = std::fs::read_to_string(dir.join("comm"))
         .map(|s| s.trim().to_string())

@@ -151,7 +151,8 @@ fn resets_and_failed_connects_need_a_count_and_a_share() {
     client_conns(&mut t, 1000, FAILURES_MIN, 90, 43, &[Close]);
     client_conns(&mut t, 2000, FAILURES_MIN - 1, 91, 43, &[Close]);
     let f = findings(&mut t, 2 * SEC);
-    let got: Vec<(Kind, PortKey, u64, Option<f64>, Vec<u32>)> = f
+    type Row = (Kind, PortKey, u64, Option<f64>, Vec<u32>);
+    let got: Vec<Row> = f
         .iter()
         .map(|f| (f.kind, f.key, f.count, f.share, f.pids.clone()))
         .collect();

@@ -9,7 +9,7 @@ const S: u64 = 1_000_000_000;
 
 /// A server-side transition on `port`, from a client port of its own.
 fn tr(sock: u64, ts: u64, old: TcpState, new: TcpState, port: u16) -> Transition {
-    let remote = format!("10.0.0.1:{}", 40000 + sock as u16);
+    let remote = format!("10.0.0.1:{}", 40000u16.wrapping_add(sock as u16));
     testing::tr(sock, ts, old, new, &format!("10.0.0.2:{port}"), &remote).with_pid(0)
 }
 

@@ -51,6 +51,12 @@ pub enum Command {
     },
     /// The agent's own health.
     Status,
+    /// Findings, the most severe first, and the destinations using the most ephemeral ports.
+    Doctor {
+        /// Only findings about this service port.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+    },
 }
 
 /// A TCP state on the wire: written as its label (`close_wait`); read from a label or a name
@@ -111,6 +117,8 @@ pub struct Reply {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<EventRow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doctor: Option<DoctorReport>,
 }
 
 impl Reply {
@@ -156,6 +164,14 @@ pub struct PortRow {
     pub lingering_fin_wait2: u64,
     /// Time in state of the oldest lingering connection, 0 when none.
     pub oldest_lingering_seconds: f64,
+    /// Connections that ended since the port got its slot, and of those, by a reset.
+    #[serde(default)]
+    pub closes: u64,
+    #[serde(default)]
+    pub resets: u64,
+    /// Failed connects (clients: SYN_SENT -> CLOSE) since the port got its slot.
+    #[serde(default)]
+    pub connect_failures: u64,
 }
 
 /// A process holding a socket.
@@ -227,6 +243,72 @@ pub struct Status {
     /// Seconds since the last sock_diag reconciliation, if there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reconcile_seconds_ago: Option<f64>,
+}
+
+/// `doctor`: what is wrong, the most severe first. Field names are stable.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DoctorReport {
+    pub findings: Vec<FindingRow>,
+    /// The destinations with the most ephemeral ports in use, the highest share first.
+    pub destinations: Vec<DestinationRow>,
+    /// Connections in the agent's table when it looked.
+    pub tracked_sockets: u64,
+}
+
+/// One finding of `doctor`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FindingRow {
+    /// `critical` or `warning`.
+    pub severity: String,
+    /// `close_wait_leak`, `fin_wait2_held`, `fin_wait2_orphaned`, `ephemeral_ports_exhausting`,
+    /// `resets` or `connect_failures`.
+    pub kind: String,
+    /// The service port, or `other`.
+    pub port: String,
+    pub role: String,
+    /// Network namespaces of the sockets concerned, when known.
+    pub netns: Vec<u32>,
+    /// Sockets, resets or failed connects.
+    pub count: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_seconds: Option<f64>,
+    /// Of the closes, the connects or the port range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<f64>,
+    /// For ephemeral port exhaustion: the destination and the size of the range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range_size: Option<u64>,
+    /// The peer addresses most concerned.
+    pub peers: Vec<PeerRow>,
+    /// Processes holding the sockets, or the listener of a server port.
+    pub owners: Vec<OwnerRow>,
+    /// Processes that opened the connections concerned (clients), when no holder is known.
+    pub opened_by: Vec<OwnerRow>,
+    pub what: String,
+    pub why: String,
+    pub fix: String,
+}
+
+/// A peer address and how many of a finding's sockets it has.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRow {
+    pub address: String,
+    pub count: u64,
+}
+
+/// Ephemeral ports in use toward one destination.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DestinationRow {
+    pub destination: String,
+    /// The client port key: the destination's port, or `other`.
+    pub port: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+    pub in_use: u64,
+    pub range_size: u64,
+    pub share: f64,
 }
 
 /// Why a request line was refused.
@@ -309,6 +391,16 @@ mod tests {
         assert_eq!(
             parse_request(br#"{"v":1,"cmd":"status"}"#).unwrap().command,
             Command::Status
+        );
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"doctor","port":8080}"#)
+                .unwrap()
+                .command,
+            Command::Doctor { port: Some(8080) }
+        );
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"doctor"}"#).unwrap().command,
+            Command::Doctor { port: None }
         );
     }
 

@@ -12,6 +12,7 @@ use crate::model::event::Transition;
 use crate::model::linger::{LINGER_STATES, LingerKey};
 use crate::model::query::{Conns, View};
 use crate::model::table::Conn;
+use crate::model::teardown::Teardown;
 
 /// The `ports` rows of a view, sorted by lingering, then by total, both descending.
 pub(crate) fn port_rows(view: &View) -> Vec<PortRow> {
@@ -26,7 +27,11 @@ pub(crate) fn port_rows(view: &View) -> Vec<PortRow> {
                 .filter(|s| stats.current[s.index()] > 0)
                 .map(|s| (s.label().to_string(), stats.current[s.index()]))
                 .collect();
+            let td = Teardown::of(stats);
             let mut row = PortRow {
+                closes: td.closed(),
+                resets: td.resets(),
+                connect_failures: td.connect_failures,
                 port: key.label(),
                 role: role.label().to_string(),
                 netns: key.netns(),
@@ -52,7 +57,7 @@ pub(crate) fn port_rows(view: &View) -> Vec<PortRow> {
             }
             row
         })
-        .filter(|r| r.total > 0 || r.lingering > 0)
+        .filter(|r| r.total > 0 || r.lingering > 0 || r.resets > 0 || r.connect_failures > 0)
         .collect();
     rows.sort_by(|a, b| {
         b.lingering
