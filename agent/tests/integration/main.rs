@@ -14,6 +14,7 @@ mod api;
 mod api_access;
 mod capabilities;
 mod deploy;
+mod doctor;
 mod ground_truth;
 mod kernel;
 mod layers;

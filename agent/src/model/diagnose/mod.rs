@@ -246,6 +246,18 @@ fn ephemeral(e: &Evidence) -> Vec<Finding> {
             f.netns = vec![d.netns].into_iter().filter(|n| *n != 0).collect();
             f.peers = vec![(d.remote.ip, d.in_use)];
             f.what = words::ephemeral(d);
+            // TIME_WAIT sockets have no holder: name who connected last on the port.
+            let opener = e
+                .view
+                .table
+                .ports
+                .iter()
+                .find(|(r, k, _)| (*r, *k) == (Role::Client, d.key));
+            f.pids = opener
+                .map(|(_, _, s)| s.last_open_pid)
+                .into_iter()
+                .filter(|p| *p != 0)
+                .collect();
             f
         })
         .collect()

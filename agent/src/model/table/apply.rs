@@ -146,6 +146,9 @@ impl Table {
         let stats = self.stats.entry((role, key)).or_default();
         stats.last_active_ns = stats.last_active_ns.max(t.ts_ns);
         stats.transitions[t.old.index()][t.new.index()] += 1;
+        if open.is_some() && role == Role::Client && t.pid != 0 {
+            stats.last_open_pid = t.pid;
+        }
         let mut fold = None;
         if open.is_none()
             && let Some(ns) = t.prev_state_ns

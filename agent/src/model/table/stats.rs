@@ -96,6 +96,8 @@ pub(crate) struct PortStats {
     /// The pid that opened the last client connection of this port to end in a reset or a
     /// failed connect (0: none, or unknown).
     pub(crate) last_abort_pid: u32,
+    /// The pid that opened the last client connection of this port (0: none, or unknown).
+    pub(crate) last_open_pid: u32,
 }
 
 impl PortStats {

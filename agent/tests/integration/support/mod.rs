@@ -6,6 +6,9 @@ use std::fs::File;
 use std::process::{Command, ExitStatus, Stdio};
 
 pub(crate) use crate::harness::{self, samples, value};
+
+mod prometheus;
+pub use prometheus::Prometheus;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
