@@ -27,13 +27,16 @@ pub const KERNELS: &[(&str, &str)] = &[
 /// `cargo xtask test` (CI) runs [`FOCUSED`] on each kernel, to stay within CI's 30 minutes with
 /// room to spare; `cargo xtask test-kernels` runs everything everywhere.
 /// The integration tests of attach, layouts (with the unit tests, which all run), ss agreement
-/// for both roles and families, lingering, seeding and the capability set.
+/// for both roles and families, lingering, seeding, how connections end (the states each kernel
+/// passes through) and the capability set.
 const FOCUSED: &[&str] = &[
     "kernel::",
     "ground_truth::close_wait_leaked_before_start_is_seeded_at_once_with_its_owner",
     "ground_truth::two_namespaces_on_the_same_port_are_counted_apart_with_per_netns",
     "linger::a_close_wait_leak_is_detected_ages_and_clears",
     "linger::a_fin_wait2_held_open_by_shutdown_is_detected_and_clears",
+    "doctor::resets_and_orderly_closes_are_told_apart_and_resets_found",
+    "doctor::connects_to_a_closed_port_are_failed_connects",
     "capabilities::",
 ];
 /// The kernel the .deb's install check runs on: the host's own distribution's.

@@ -93,6 +93,7 @@ fn a_client_half_closed_toward_a_peer_that_never_closes_holds_fin_wait2() {
     assert!(pids(&f).contains(&me()), "{f:#}");
     // The server side of the same connections is a CLOSE_WAIT leak.
     let (_, f) = finding(&sock, port, "close_wait_leak", "server", 2);
+    assert!(pids(&f).contains(&me()), "{f:#}");
 }
 
 #[test]
@@ -263,7 +264,7 @@ fn resets_and_orderly_closes_are_told_apart_and_resets_found() {
     let sock = socket_path("drs");
     let agent = AgentProc::start(&["--socket", &sock]);
     let (reset_port, orderly_port) = (7615u16, 7616u16);
-    ns.enter(|| {
+    let _listener = ns.enter(|| {
         let listener = TcpListener::bind(("127.0.0.1", reset_port)).unwrap();
         let servers: Vec<TcpStream> = (0..12)
             .map(|_| {
@@ -300,6 +301,7 @@ fn resets_and_orderly_closes_are_told_apart_and_resets_found() {
     );
     assert!(pids(&f).contains(&me()), "the client that reset: {f:#}");
     let (_, f) = finding(&sock, reset_port, "resets", "server", 12);
+    assert!(pids(&f).contains(&me()), "the listener's holder: {f:#}");
 }
 
 #[test]
@@ -342,11 +344,9 @@ fn a_quiet_port_is_healthy() {
     eventually(Duration::from_secs(10), || {
         let (_, out, _) = cli(&["ports", "--socket", &sock, "--json"]);
         let rows: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
-        let seen = rows
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|r| r["port"] == port.to_string() && r["states"]["established"] == 5);
+        let seen = rows.as_array().into_iter().flatten().any(|r| {
+            r["port"].as_str() == Some(port.to_string().as_str()) && r["states"]["established"] == 5
+        });
         seen.then_some(()).ok_or(out)
     });
     std::thread::sleep(Duration::from_millis(1500));
