@@ -25,7 +25,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn the_alert_rules_are_valid() {
     let said = promtool(&["check", "rules", "tcpstate-alerts.yml"]);
-    assert!(said.contains("SUCCESS: 5 rules found"), "{said}");
+    assert!(said.contains("SUCCESS: 6 rules found"), "{said}");
 }
 
 #[test]
@@ -53,6 +53,7 @@ fn every_alert_has_its_fields_and_a_runbook_section() {
             "TcpstateCloseWaitLingering",
             "TcpstateCloseWaitPileUp",
             "TcpstateFinWait2Lingering",
+            "TcpstateEphemeralPortsExhausting",
             "TcpstateEventsLost",
             "TcpstateAgentDown"
         ]
@@ -306,10 +307,15 @@ fn the_dashboard_queries_only_metrics_the_agent_exports() {
     let _leak = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (_leaked, _) = listener.accept().unwrap();
     drop(_leak);
+    // And one held open, so that ephemeral port use has a series.
+    let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (_server, _) = listener.accept().unwrap();
     let scrape = crate::support::eventually(std::time::Duration::from_secs(5), || {
         let t = agent.metrics();
         if t.contains("tcpstate_connection_duration_seconds_bucket")
             && t.contains("tcpstate_lingering_connections{")
+            && t.contains("tcpstate_ephemeral_ports_in_use{")
+            && t.contains("tcpstate_closes_total{")
         {
             Ok(t)
         } else {

@@ -268,13 +268,16 @@ fn teardown(e: &Evidence) -> Vec<Finding> {
     let mut out = Vec::new();
     for (role, key, stats) in &e.view.table.ports {
         let td = Teardown::of(stats);
+        // Over how long the port has been counted, for a rate (unknown for `other`).
+        let counted = (stats.counted_since_ns != 0)
+            .then(|| e.view.now_ns.saturating_sub(stats.counted_since_ns) as f64 / 1e9);
         let resets = td.resets();
         let share = resets as f64 / td.closed().max(1) as f64;
         if resets >= RESETS_MIN && share >= RESETS_SHARE {
             let mut f = Finding::new(Kind::Resets, Severity::Warning, *role, *key, resets);
             f.share = Some(share);
             f.pids = distinct([stats.last_abort_pid].into_iter().filter(|p| *p != 0));
-            f.what = words::resets(resets, td.closed(), share);
+            f.what = words::resets(resets, td.closed(), share) + &words::rate(resets, counted);
             out.push(f.owned_by_listener(e));
         }
         let failed = td.connect_failures;
@@ -284,7 +287,8 @@ fn teardown(e: &Evidence) -> Vec<Finding> {
             let mut f = Finding::new(kind, Severity::Warning, *role, *key, failed);
             f.share = Some(share);
             f.pids = distinct([stats.last_abort_pid].into_iter().filter(|p| *p != 0));
-            f.what = words::failures(failed, td.opens.max(failed), share, *role);
+            f.what = words::failures(failed, td.opens.max(failed), share, *role)
+                + &words::rate(failed, counted);
             out.push(f.owned_by_listener(e));
         }
     }

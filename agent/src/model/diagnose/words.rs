@@ -63,6 +63,18 @@ pub(super) fn ephemeral(d: &DestUse) -> String {
     )
 }
 
+/// `; 2.0 a minute over the 5 min 0 s the port has been counted`, when that time is known.
+pub(super) fn rate(n: u64, over_seconds: Option<f64>) -> String {
+    match over_seconds {
+        Some(secs) if secs >= 1.0 => format!(
+            "; {:.1} a minute over the {} the port has been counted",
+            n as f64 * 60.0 / secs,
+            age(secs)
+        ),
+        _ => String::new(),
+    }
+}
+
 pub(super) fn resets(resets: u64, closed: u64, share: f64) -> String {
     format!(
         "{resets} of {} ended by a reset ({}), without the FIN exchange",

@@ -98,6 +98,9 @@ pub(crate) struct PortStats {
     pub(crate) last_abort_pid: u32,
     /// The pid that opened the last client connection of this port (0: none, or unknown).
     pub(crate) last_open_pid: u32,
+    /// CLOCK_MONOTONIC ns when the port got its slot: its counters count from then (0: unknown,
+    /// for `other`).
+    pub(crate) counted_since_ns: u64,
 }
 
 impl PortStats {
@@ -245,7 +248,13 @@ impl Table {
             return key.other();
         }
         self.slots[role.idx()] += 1;
-        self.stats.insert((role, key), Box::default());
+        self.stats.insert(
+            (role, key),
+            Box::new(PortStats {
+                counted_since_ns: now_ns.max(1),
+                ..PortStats::default()
+            }),
+        );
         key
     }
 
