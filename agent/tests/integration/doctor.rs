@@ -301,6 +301,11 @@ fn resets_and_orderly_closes_are_told_apart_and_resets_found() {
         "{f:#}"
     );
     assert!(pids(&f).contains(&me()), "the client that reset: {f:#}");
+    let fix = f["fix"].as_str().unwrap();
+    assert!(
+        fix.contains(&format!("`tcpstate watch --port {reset_port}`")),
+        "{fix}"
+    );
     let (_, f) = finding(&sock, reset_port, "resets", "server", 12);
     assert!(pids(&f).contains(&me()), "the listener's holder: {f:#}");
 }

@@ -126,7 +126,10 @@ fn finding_row(f: &Finding, owners: &[Owner], opened: &[Owner]) -> FindingRow {
         opened_by: owner_rows(opened),
         what: f.what.clone(),
         why: f.why.to_string(),
-        fix: f.fix.to_string(),
+        // The commands in the fixes name the finding's own port.
+        fix: f
+            .fix
+            .replace("--port PORT", &format!("--port {}", f.key.label())),
     }
 }
 
