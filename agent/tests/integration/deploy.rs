@@ -300,21 +300,39 @@ fn the_dashboard_queries_only_metrics_the_agent_exports() {
 
     // A real scrape, with a connection closed so the histograms have series, and one left in
     // CLOSE_WAIT past the threshold so the lingering families have theirs.
-    let agent = crate::support::AgentProc::start(&["--linger-after", "200ms"]);
+    let agent = crate::support::AgentProc::start(&[
+        "--linger-after",
+        "200ms",
+        "--reconcile-interval",
+        "1s",
+    ]);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     drop(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
     drop(listener.accept().unwrap());
     let _leak = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (_leaked, _) = listener.accept().unwrap();
     drop(_leak);
-    // And one held open, so that ephemeral port use has a series.
-    let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (_server, _) = listener.accept().unwrap();
-    let scrape = crate::support::eventually(std::time::Duration::from_secs(5), || {
+    // A failed connect, and one connection held open in a namespace whose port range has 4
+    // ports, so that failures and ephemeral port use have series.
+    let refused = listener.local_addr().unwrap().port();
+    let ns = crate::support::Netns::new("dash");
+    let range = "net.ipv4.ip_local_port_range=40000 40003";
+    crate::support::run(
+        std::process::Command::new("ip").args(["netns", "exec", &ns.name, "sysctl", "-qw", range]),
+    );
+    let _held = ns.enter(|| {
+        assert!(std::net::TcpStream::connect(("127.0.0.1", refused)).is_err());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let s = l.accept().unwrap();
+        (l, c, s)
+    });
+    let scrape = crate::support::eventually(std::time::Duration::from_secs(20), || {
         let t = agent.metrics();
         if t.contains("tcpstate_connection_duration_seconds_bucket")
             && t.contains("tcpstate_lingering_connections{")
             && t.contains("tcpstate_ephemeral_ports_in_use{")
+            && t.contains("tcpstate_connect_failures_total{")
             && t.contains("tcpstate_closes_total{")
         {
             Ok(t)

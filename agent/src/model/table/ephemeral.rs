@@ -10,6 +10,11 @@ use rustc_hash::FxHashMap;
 
 use super::{Endpoint, PortKey, Role, Table};
 
+/// Ports whose busiest destination holds less than this share of its range have no ephemeral
+/// series: every client port would otherwise cost two series for a number far from any limit
+/// (the alert fires at 80%, the doctor warns at 50%).
+pub(crate) const EXPORT_SHARE: f64 = 0.1;
+
 /// How many destinations the API lists, the most used first.
 pub(crate) const TOP_DESTINATIONS: usize = 10;
 

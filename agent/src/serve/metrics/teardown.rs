@@ -4,7 +4,7 @@ use prometheus::proto::{MetricFamily, MetricType};
 
 use super::{counter, family, gauge, port_labels};
 use crate::model::query::View;
-use crate::model::table::Role;
+use crate::model::table::ephemeral::EXPORT_SHARE;
 use crate::model::teardown::{CloseHow, Teardown};
 
 pub(super) fn families(view: &View) -> Vec<MetricFamily> {
@@ -15,7 +15,7 @@ pub(super) fn families(view: &View) -> Vec<MetricFamily> {
     );
     let mut failures = family(
         "tcpstate_connect_failures_total",
-        "Connections that never completed their handshake: SYN_SENT -> CLOSE for clients (refused, unreachable, timed out); SYN_RECV -> CLOSE for servers, which the kernel shows only for full sockets (a handshake that never completes stays in a request socket the tracepoint does not see).",
+        "Connections that never completed their handshake, per port that had one: SYN_SENT -> CLOSE for clients (refused, unreachable, timed out); SYN_RECV -> CLOSE for servers, which the kernel shows only for full sockets (a handshake that never completes stays in a request socket the tracepoint does not see).",
         MetricType::COUNTER,
     );
     for (role, key, stats) in &view.table.ports {
@@ -32,17 +32,16 @@ pub(super) fn families(view: &View) -> Vec<MetricFamily> {
                 closes.mut_metric().push(counter(&l, n as f64));
             }
         }
-        // Every client port that opened connections has the series, 0 included, so that a
-        // first failure shows as an increase; server ports only once the kernel showed one.
-        let client_opened = *role == Role::Client && td.opens > 0;
-        if client_opened || td.connect_failures > 0 {
+        // Only ports that had one: a series per client port would cost as much as the
+        // connection counts.
+        if td.connect_failures > 0 {
             let n = td.connect_failures as f64;
             failures.mut_metric().push(counter(&labels(&[]), n));
         }
     }
     let mut in_use = family(
         "tcpstate_ephemeral_ports_in_use",
-        "Local ports from ip_local_port_range held toward the most used destination (address and port) of this service port, TIME_WAIT included; connect() fails with EADDRNOTAVAIL when it reaches tcpstate_ephemeral_port_range_size.",
+        "Local ports from ip_local_port_range held toward the most used destination (address and port) of this service port, TIME_WAIT included, for ports where that is at least 10% of the range; connect() fails with EADDRNOTAVAIL when it reaches tcpstate_ephemeral_port_range_size.",
         MetricType::GAUGE,
     );
     let mut range = family(
@@ -50,7 +49,13 @@ pub(super) fn families(view: &View) -> Vec<MetricFamily> {
         "Ports in ip_local_port_range of the namespace of that destination's clients.",
         MetricType::GAUGE,
     );
-    for d in &view.table.ephemeral.by_port {
+    for d in view
+        .table
+        .ephemeral
+        .by_port
+        .iter()
+        .filter(|d| d.share() >= EXPORT_SHARE)
+    {
         let port = d.key.label();
         let netns = d.key.netns().map(|n| n.to_string());
         let mut l = vec![("port", port.as_str())];
@@ -89,6 +94,8 @@ mod tests {
     #[test]
     fn closes_failures_and_ephemeral_use_are_exported_per_port() {
         let mut t = Table::new(16, DEFAULT_EPHEMERAL);
+        // Four ephemeral ports: the one connection left open holds 25% of them.
+        t.set_ephemeral_ranges([(0, 40000..=40003)]);
         let (c, s) = ("10.0.0.1:40000", "10.0.0.2:80");
         // A reset, a failed connect, and one connection still open toward 10.0.0.2:80.
         t.apply(&tr(1, 1, Close, SynSent, "10.0.0.1:0", s));
@@ -139,8 +146,19 @@ mod tests {
             "10.0.0.1:8080",
             "10.0.0.9:50000",
         ));
+        // A client port whose connections all succeed, toward a destination that holds less
+        // than a tenth of its range: no failure series, no ephemeral series.
+        t.apply(&tr(5, 13, Close, SynSent, "10.0.0.1:0", "10.0.0.3:443"));
+        t.apply(&tr(
+            5,
+            14,
+            SynSent,
+            Established,
+            "10.0.0.1:45000",
+            "10.0.0.3:443",
+        ));
         let out = text(&t);
-        let size = u32::from(*DEFAULT_EPHEMERAL.end() - *DEFAULT_EPHEMERAL.start()) + 1;
+        let size = 4;
         for line in [
             "tcpstate_closes_total{port=\"80\",role=\"client\",how=\"reset\"} 1".to_string(),
             "tcpstate_closes_total{port=\"8080\",role=\"server\",how=\"remote_first\"} 1".into(),
@@ -155,5 +173,6 @@ mod tests {
             !out.contains("connect_failures_total{port=\"8080\""),
             "{out}"
         );
+        assert!(!out.contains("{port=\"443\""), "{out}");
     }
 }
