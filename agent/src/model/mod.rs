@@ -3,6 +3,7 @@
 //! netlink, logging or file system here: every function is a computation on values, unit-tested
 //! without privileges (a test in `tests/layers.rs` keeps it so).
 pub(crate) mod diagnose;
+pub(crate) mod ending;
 pub mod event;
 pub mod linger;
 pub(crate) mod query;

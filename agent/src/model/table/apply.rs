@@ -3,8 +3,8 @@ use tcpstate_common::TcpState;
 
 use super::stats::{MATTERS, Observe};
 use super::{Conn, PortKey, Role, Table, Tuple, complete, depart, role_of};
+use crate::model::ending::CloseHow;
 use crate::model::event::Transition;
-use crate::model::teardown::CloseHow;
 
 impl Table {
     /// Applies one transition.

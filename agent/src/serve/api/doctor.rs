@@ -4,9 +4,9 @@ use std::path::Path;
 
 use rustc_hash::FxHashSet;
 
+use super::owners::{fill_inodes, owners_of};
 use super::protocol::{DestinationRow, DoctorReport, FindingRow, PeerRow, Reply, TcpState};
 use super::rows::owner_rows;
-use super::server::{fill_inodes, owners_of};
 use crate::engine::handle::Shared;
 use crate::kernel::procfs::{self, Owner};
 use crate::model::diagnose::{Evidence, Finding, diagnose};

@@ -6,17 +6,17 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashSet;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, watch};
 
+use super::owners::{fill_inodes, owners_of};
 use super::protocol::{self as api, Command, Reply, Status, TcpState};
 use super::{protocol, rows};
 use crate::engine::handle::Shared;
 use crate::kernel::procfs;
 use crate::model::query::ConnFilter;
-use crate::model::table::Conn;
 
 /// How long a client may take to send a whole request line.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -230,44 +230,6 @@ async fn conns(state: &Shared, filter: ConnFilter) -> Reply {
         conns: Some(conns),
         ..Reply::ok()
     }
-}
-
-/// Sockets opened since the last reconciliation have no inode yet: asks sock_diag, in just the
-/// namespaces concerned, off the async threads.
-pub(super) async fn fill_inodes(conns: &mut [Conn]) {
-    let unknown: FxHashSet<u32> = conns
-        .iter()
-        .filter(|c| c.inode == 0)
-        .map(|c| c.netns)
-        .collect();
-    if unknown.is_empty() {
-        return;
-    }
-    let Ok(found) = tokio::task::spawn_blocking(move || rows::inodes_by_tuple(&unknown)).await
-    else {
-        return;
-    };
-    for c in conns.iter_mut().filter(|c| c.inode == 0) {
-        let (local, remote) = (c.local.addr(), c.remote.addr());
-        let tuple = rows::SocketTuple {
-            netns: c.netns,
-            local,
-            remote,
-        };
-        if let Some(inode) = found.get(&tuple) {
-            c.inode = *inode;
-        }
-    }
-}
-
-/// The processes holding each inode: one /proc pass, off the async threads.
-pub(super) async fn owners_of(inodes: FxHashSet<u32>) -> FxHashMap<u32, Vec<procfs::Owner>> {
-    if inodes.is_empty() {
-        return FxHashMap::default();
-    }
-    tokio::task::spawn_blocking(move || procfs::scan(Path::new("/proc"), &inodes))
-        .await
-        .unwrap_or_default()
 }
 
 async fn status(state: &Shared) -> Reply {

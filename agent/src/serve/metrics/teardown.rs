@@ -106,46 +106,11 @@ mod tests {
         t.apply(&tr(3, 6, Close, SynSent, "10.0.0.1:0", s));
         t.apply(&tr(3, 7, SynSent, Established, "10.0.0.1:40002", s));
         // A server port with an orderly close and no failure: no failure series.
-        t.apply(&tr(
-            4,
-            8,
-            Listen,
-            SynRecv,
-            "10.0.0.1:8080",
-            "10.0.0.9:50000",
-        ));
-        t.apply(&tr(
-            4,
-            9,
-            SynRecv,
-            Established,
-            "10.0.0.1:8080",
-            "10.0.0.9:50000",
-        ));
-        t.apply(&tr(
-            4,
-            10,
-            Established,
-            CloseWait,
-            "10.0.0.1:8080",
-            "10.0.0.9:50000",
-        ));
-        t.apply(&tr(
-            4,
-            11,
-            CloseWait,
-            LastAck,
-            "10.0.0.1:8080",
-            "10.0.0.9:50000",
-        ));
-        t.apply(&tr(
-            4,
-            12,
-            LastAck,
-            Close,
-            "10.0.0.1:8080",
-            "10.0.0.9:50000",
-        ));
+        let (l, r) = ("10.0.0.1:8080", "10.0.0.9:50000");
+        let path = [Listen, SynRecv, Established, CloseWait, LastAck, Close];
+        for (i, w) in path.windows(2).enumerate() {
+            t.apply(&tr(4, 8 + i as u64, w[0], w[1], l, r));
+        }
         // A client port whose connections all succeed, toward a destination that holds less
         // than a tenth of its range: no failure series, no ephemeral series.
         t.apply(&tr(5, 13, Close, SynSent, "10.0.0.1:0", "10.0.0.3:443"));
