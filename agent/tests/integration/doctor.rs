@@ -368,3 +368,84 @@ fn doctor_without_an_agent_says_so_and_exits_3() {
     assert_eq!(code, 3, "{out}{err}");
     assert!(err.contains("/nonexistent/tcpstate.sock"), "{err}");
 }
+
+/// A listener on 127.0.0.1:`port` whose accept queue holds one connection (backlog 0).
+fn tiny_backlog_listener(port: u16) -> TcpListener {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, socket,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, port),
+    )
+    .unwrap();
+    listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    TcpListener::from(fd)
+}
+
+#[test]
+fn handshakes_a_full_listener_drops_are_invisible_on_the_server_side() {
+    let _area = require_root("doctor");
+    let ns = Netns::new("dbk");
+    let agent = AgentProc::start(&[]);
+    let port = 7619u16;
+    let nstat = |ns: &Netns| {
+        let out = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns.name,
+            "nstat",
+            "-az",
+            "TcpExtListenOverflows",
+        ]));
+        out.lines()
+            .find_map(|l| l.strip_prefix("TcpExtListenOverflows"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = nstat(&ns);
+    let (_listener, _first, failed) = ns.enter(|| {
+        let listener = tiny_backlog_listener(port);
+        let addr = listener.local_addr().unwrap();
+        // The first fills the accept queue; the kernel drops the next ones' SYNs, and those
+        // connects time out in SYN_SENT.
+        let first = TcpStream::connect(addr).unwrap();
+        let failed = (0..2)
+            .filter(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err())
+            .count();
+        (listener, first, failed)
+    });
+    assert_eq!(failed, 2, "the full queue dropped both SYNs");
+    assert!(nstat(&ns) >= before + 2, "the kernel counted the overflows");
+    let p = port.to_string();
+    eventually(Duration::from_secs(10), || {
+        let text = agent.metrics();
+        let client = [("port", p.as_str()), ("role", "client")];
+        let failures = value(&text, "tcpstate_connect_failures_total", &client);
+        let server_opens = value(
+            &text,
+            "tcpstate_transitions_total",
+            &[
+                ("port", &p),
+                ("role", "server"),
+                ("from", "listen"),
+                ("to", "syn_recv"),
+            ],
+        );
+        let server = [("port", p.as_str()), ("role", "server")];
+        let server_failures = value(&text, "tcpstate_connect_failures_total", &server);
+        let got = (failures, server_opens, server_failures);
+        // The clients saw their connects fail; the server side shows the one handshake that
+        // completed, and nothing of the two it dropped.
+        (got == (Some(2.0), Some(1.0), None))
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    });
+}
