@@ -153,17 +153,27 @@ pub fn netns_inode(path: &Path) -> std::io::Result<u32> {
     Ok(std::fs::metadata(path)?.ino() as u32)
 }
 
-/// Every network namespace on the host, by inode, with a path that enters it: the namespaces of
-/// all processes (`/proc/*/ns/net`) and the named ones (`/run/netns/*`, which `ip netns` and
-/// CNI plugins create, possibly with no process inside).
-pub(crate) fn namespaces(proc: &Path) -> BTreeMap<u32, PathBuf> {
-    let mut found = BTreeMap::new();
+/// Every network namespace on the host, by inode, with a path that enters it: the named ones
+/// (`/run/netns/*`, which `ip netns` and CNI plugins create, possibly with no process inside)
+/// first, since they stay; then the namespaces of all processes (`/proc/*/ns/net`). A process
+/// that exits takes its path with it, so a namespace keeps every path found, to try in turn:
+/// a short-lived process (an `ss` run by `ip netns exec`) must not make a whole namespace look
+/// unreadable, and its sockets gone.
+pub(crate) fn namespaces(proc: &Path) -> BTreeMap<u32, Vec<PathBuf>> {
+    let mut found: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
     let mut add = |path: PathBuf| {
         if let Ok(ino) = netns_inode(&path) {
-            found.entry(ino).or_insert(path);
+            found.entry(ino).or_default().push(path);
         }
     };
     add(proc.join("self/ns/net"));
+    for dir in ["/run/netns", "/var/run/netns"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                add(e.path());
+            }
+        }
+    }
     if let Ok(entries) = std::fs::read_dir(proc) {
         for e in entries.flatten() {
             let name = e.file_name();
@@ -172,49 +182,52 @@ pub(crate) fn namespaces(proc: &Path) -> BTreeMap<u32, PathBuf> {
             }
         }
     }
-    for dir in ["/run/netns", "/var/run/netns"] {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                add(e.path());
-            }
-        }
-    }
     found
 }
 
 /// Dumps one namespace from a thread of its own (setns changes only the calling thread).
-pub(crate) fn dump_namespace(netns: u32, path: &Path) -> Result<Vec<KernelSocket>, SockDiagError> {
-    in_namespace(netns, path, || dump_here(netns))
+pub(crate) fn dump_namespace(
+    netns: u32,
+    paths: &[PathBuf],
+) -> Result<Vec<KernelSocket>, SockDiagError> {
+    in_namespace(netns, paths, || dump_here(netns))
 }
 
 /// One namespace's sockets and its `ip_local_port_range` (sysctls under `/proc/sys/net` are
 /// those of the reading thread's namespace).
 pub(crate) fn dump_namespace_with_range(
     netns: u32,
-    path: &Path,
+    paths: &[PathBuf],
 ) -> Result<(Vec<KernelSocket>, RangeInclusive<u16>), SockDiagError> {
-    in_namespace(netns, path, || {
+    in_namespace(netns, paths, || {
         Ok((dump_here(netns)?, procfs::ephemeral_range()))
     })
 }
 
-/// Runs `f` in namespace `netns` (entered through `path`) on a thread of its own.
+/// Runs `f` in namespace `netns` (entered through the first of `paths` that still opens) on a
+/// thread of its own.
 fn in_namespace<T: Send>(
     netns: u32,
-    path: &Path,
+    paths: &[PathBuf],
     f: impl FnOnce() -> Result<T, SockDiagError> + Send,
 ) -> Result<T, SockDiagError> {
     // Our own namespace needs no setns (nor the CAP_SYS_ADMIN it takes).
     if netns_inode(Path::new("/proc/thread-self/ns/net")).ok() == Some(netns) {
         return f();
     }
-    let path = path.to_path_buf();
+    // The first path that still opens onto this namespace (a pid may have been reused).
+    let opened = paths.iter().find_map(|p| {
+        let file = File::open(p).ok()?;
+        (file.metadata().ok()?.ino() as u32 == netns).then(|| (p.clone(), file))
+    });
+    let Some((path, file)) = opened else {
+        return Err(SockDiagError::Io {
+            what: "opening the namespace",
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    };
     std::thread::scope(|s| {
         s.spawn(|| {
-            let file = File::open(&path).map_err(|source| SockDiagError::Io {
-                what: "opening the namespace",
-                source,
-            })?;
             nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| {
                 SockDiagError::Setns {
                     path: path.display().to_string(),
@@ -240,8 +253,8 @@ pub(crate) struct HostDump {
 
 pub(crate) fn dump_host(proc: &Path) -> HostDump {
     let mut dump = HostDump::default();
-    for (netns, path) in namespaces(proc) {
-        match dump_namespace_with_range(netns, &path) {
+    for (netns, paths) in namespaces(proc) {
+        match dump_namespace_with_range(netns, &paths) {
             Ok((mut s, range)) => {
                 dump.namespaces += 1;
                 dump.sockets.append(&mut s);

@@ -126,14 +126,14 @@ pub(crate) struct SocketTuple {
 /// Inodes of the full sockets of some namespaces (0: the agent's own), by tuple. Blocking.
 pub(crate) fn inodes_by_tuple(namespaces: &FxHashSet<u32>) -> FxHashMap<SocketTuple, u32> {
     let mut out = FxHashMap::default();
-    for (ino, path) in sockdiag::namespaces(Path::new("/proc")) {
-        let wanted =
-            namespaces.contains(&ino) || (namespaces.contains(&0) && path.ends_with("self/ns/net"));
+    for (ino, paths) in sockdiag::namespaces(Path::new("/proc")) {
+        let own = paths.iter().any(|p| p.ends_with("self/ns/net"));
+        let wanted = namespaces.contains(&ino) || (namespaces.contains(&0) && own);
         if !wanted {
             continue;
         }
         let netns = if namespaces.contains(&ino) { ino } else { 0 };
-        if let Ok(sockets) = sockdiag::dump_namespace(ino, &path) {
+        if let Ok(sockets) = sockdiag::dump_namespace(ino, &paths) {
             for d in sockets.into_iter().filter(|d| d.inode != 0) {
                 let (local, remote) = (d.local, d.remote);
                 out.insert(
