@@ -219,6 +219,7 @@ fn spawn_engine(
         tokio::spawn(alert_log::run(alert_rx)),
         tokio::spawn(reconcile_task::run(
             cfg.reconcile_interval,
+            cfg.full_reconcile_interval,
             move || losses.read().total,
             req_tx,
             stop.clone(),

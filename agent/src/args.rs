@@ -25,7 +25,7 @@ pub enum Command {
     #[command(
         after_help = "Needs root, or CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH (tracefs is root's).\nOptional: CAP_SYS_ADMIN to mount a missing tracefs and to dump other network namespaces,\nCAP_SYS_PTRACE to name sockets' owners in other users' processes.\ndeploy/systemd/tcpstate.service grants exactly these.\n\nExamples:\n  sudo tcpstate agent --listen 127.0.0.1:10610\n  tcpstate agent --check-config --config /etc/tcpstate/tcpstate.toml"
     )]
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Per service port and role: connections per state, lingering, oldest lingering age.
     #[command(
         after_help = "Sorted by lingering connections, then by total.\n\nExample:\n  tcpstate ports\n  tcpstate ports --json | jq '.[] | select(.lingering > 0)'"

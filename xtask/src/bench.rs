@@ -377,11 +377,16 @@ impl Agent {
     /// Starts the agent and waits until it is ready (attached, and the first sock_diag dump
     /// seeded the table): the rounds measure its steady state, not its start.
     pub(crate) fn start(bin: &Path, extra: &[String]) -> Result<Agent> {
+        Agent::start_at(bin, AGENT_LISTEN, extra)
+    }
+
+    /// Starts one at `listen` (a second agent also needs a `--socket` of its own).
+    pub(crate) fn start_at(bin: &Path, listen: &str, extra: &[String]) -> Result<Agent> {
         let mut args = vec!["--log-level", "warn"];
         args.extend(extra.iter().map(String::as_str));
         harness::Agent::start(
             bin,
-            AGENT_LISTEN,
+            listen,
             &args,
             Stdio::inherit(),
             harness::Ready::Seeded,

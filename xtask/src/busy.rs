@@ -44,7 +44,9 @@ pub fn run(agent_bin: &std::path::Path, agent_args: &[String]) -> Result {
 
     let agent = Agent::start(agent_bin, agent_args)?;
     let rss_start = agent.status_kib("VmRSS:")?;
-    let (holders, leak) = load()?;
+    let holders = hold()?;
+    let idle = idle(agent_bin, agent_args)?;
+    let leak = burst_and_leak()?;
     // A reconciliation that started after the burst counts its TIME_WAIT sockets.
     let runs = metric(&agent.metrics()?, "tcpstate_reconciliations_total");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -61,11 +63,95 @@ pub fn run(agent_bin: &std::path::Path, agent_args: &[String]) -> Result {
     leak.finish()?;
     agent.stop()?;
     figures.report();
+    idle.report();
     Ok(())
 }
 
-/// Opens the load in the namespace: the held connections, the burst, the leak.
-fn load() -> Result<(Vec<Holder>, Holder)> {
+/// Where the idle agent listens: a second agent beside the scenario's.
+const IDLE_LISTEN: &str = "127.0.0.1:10691";
+const IDLE_SOCKET: &str = "/tmp/tcpstate-bench-idle.sock";
+const IDLE_TARGET: f64 = 0.3;
+
+/// What an agent costs while nothing changes.
+struct Idle {
+    cpu_per_min: f64,
+    window_s: f64,
+    dumps: u64,
+    full: u64,
+}
+
+/// The CPU of an agent started on the held connections, while nothing changes: from just after
+/// its seeding (a full dump) to just after its next full dump, so that the window holds every
+/// kind of dump in the proportion its settings give (with the defaults: 19 light dumps and one
+/// full one in 5 minutes). An agent without light dumps (every dump full) is measured over its
+/// next four dumps.
+fn idle(agent_bin: &std::path::Path, agent_args: &[String]) -> Result<Idle> {
+    let mut args = agent_args.to_vec();
+    args.extend(["--socket".to_string(), IDLE_SOCKET.to_string()]);
+    let agent = Agent::start_at(agent_bin, IDLE_LISTEN, &args)?;
+    let counts = |text: &str| {
+        let full = value(text, "tcpstate_full_reconciliations_total", &[]);
+        let all = metric(text, "tcpstate_reconciliations_total");
+        (full.map(|f| f as u64), all)
+    };
+    let (full0, all0) = counts(&agent.metrics()?);
+    let (cpu0, t0) = (agent.cpu_seconds()?, Instant::now());
+    eprintln!(
+        "bench: idle agent seeded; waiting for its next {} (up to 6 minutes)",
+        if full0.is_some() {
+            "full dump"
+        } else {
+            "four dumps"
+        }
+    );
+    let deadline = t0 + Duration::from_secs(400);
+    let (full1, all1) = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let (full, all) = counts(&agent.metrics()?);
+        let done = match (full0, full) {
+            (Some(f0), Some(f)) => f > f0,
+            _ => all >= all0 + 4,
+        };
+        if done {
+            break (full, all);
+        }
+        if Instant::now() > deadline {
+            return Err("idle: no full dump within 400 s".into());
+        }
+    };
+    let (cpu1, window) = (agent.cpu_seconds()?, t0.elapsed().as_secs_f64());
+    agent.stop()?;
+    Ok(Idle {
+        cpu_per_min: (cpu1 - cpu0) / window * 60.0,
+        window_s: window,
+        dumps: all1 - all0,
+        full: full1.zip(full0).map_or(all1 - all0, |(a, b)| a - b),
+    })
+}
+
+impl Idle {
+    fn report(&self) {
+        println!();
+        println!(
+            "## idle: {} established connections held, nothing changing",
+            u32::from(PORTS) * CONNS_PER_PORT
+        );
+        println!();
+        println!("| measure | value | target |");
+        println!("|---|---|---|");
+        println!(
+            "| agent CPU per minute | {:.3} CPU-s | <= {IDLE_TARGET} |",
+            self.cpu_per_min
+        );
+        println!(
+            "| window: from a full dump to the next | {:.0} s, {} dumps ({} full) | |",
+            self.window_s, self.dumps, self.full
+        );
+    }
+}
+
+/// Opens the held connections in the namespace.
+fn hold() -> Result<Vec<Holder>> {
     // 400 ports x 250 connections, opened while the agent runs.
     let started = Instant::now();
     let per_holder = PORTS / HOLDERS;
@@ -87,6 +173,11 @@ fn load() -> Result<(Vec<Holder>, Holder)> {
         u32::from(PORTS) * CONNS_PER_PORT,
         started.elapsed().as_secs_f64()
     );
+    Ok(holders)
+}
+
+/// The burst and the leak.
+fn burst_and_leak() -> Result<Holder> {
     // The burst: the server closes first, so TIME_WAIT stays on the server's side; then its
     // listener exits.
     let burst = crate::output(
@@ -104,7 +195,7 @@ fn load() -> Result<(Vec<Holder>, Holder)> {
     // A CLOSE_WAIT leak on a new port: the clients close, the server never does.
     let mut leak = Holder::spawn(&["leak", &LEAK_PORT.to_string(), &LEAK.to_string()])?;
     leak.wait_ready()?;
-    Ok((holders, leak))
+    Ok(leak)
 }
 
 /// What the scenario measures.

@@ -27,6 +27,7 @@ pub struct FileConfig {
     pub(crate) fin_wait2_after: Option<String>,
     pub(crate) linger_log_cap: Option<i64>,
     pub(crate) reconcile_interval: Option<String>,
+    pub(crate) full_reconcile_interval: Option<String>,
     pub(crate) per_netns: Option<bool>,
     pub(crate) port_retire_after: Option<String>,
     pub(crate) histogram_ports: Option<i64>,
@@ -212,6 +213,9 @@ fn apply_pipeline(at: &At, fc: &FileConfig, cfg: &mut AgentConfig) -> Result<(),
     }
     if let (Some(v), true) = (&fc.reconcile_interval, take("reconcile_interval")) {
         cfg.reconcile_interval = at.duration("reconcile_interval", v)?;
+    }
+    if let (Some(v), true) = (&fc.full_reconcile_interval, take("full_reconcile_interval")) {
+        cfg.full_reconcile_interval = at.duration("full_reconcile_interval", v)?;
     }
     if let (Some(v), true) = (fc.per_netns, take("per_netns")) {
         cfg.per_netns = v;
@@ -507,6 +511,7 @@ duration_states = ["close_wait", "FIN-WAIT-2"]
             "fin_wait2_after",
             "linger_log_cap",
             "reconcile_interval",
+            "full_reconcile_interval",
             "per_netns",
             "socket",
             "tracefs",

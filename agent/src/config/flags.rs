@@ -67,11 +67,18 @@ pub struct AgentArgs {
     #[arg(long, value_name = "N", default_value_t = crate::model::linger::DEFAULT_LOG_CAP)]
     pub(crate) linger_log_cap: usize,
 
-    /// How often the table is repaired from a sock_diag dump of every namespace (which also
-    /// counts TIME_WAIT and orphaned FIN_WAIT2 sockets). Transitions the kernel reports lost bring
-    /// the next one forward (no sooner than a quarter of this, 1 s to 5 s, after the last).
+    /// How often a sock_diag dump of every namespace corrects the TIME_WAIT and orphaned
+    /// FIN_WAIT2 counts (counted live as the kernel makes them) and names the owners of
+    /// lingering sockets. Transitions the kernel reports lost bring a full dump forward (no
+    /// sooner than a quarter of this, 1 s to 5 s, after the last).
     #[arg(long, value_name = "DURATION", default_value = config::DEFAULT_RECONCILE_TEXT, value_parser = parse_reconcile)]
     pub(crate) reconcile_interval: Duration,
+
+    /// How often the dump is a full one, of every socket, that repairs the whole table (besides
+    /// the one at start and those after a loss). At or below --reconcile-interval every dump
+    /// is full.
+    #[arg(long, value_name = "DURATION", default_value = config::DEFAULT_FULL_RECONCILE_TEXT, value_parser = parse_full_reconcile)]
+    pub(crate) full_reconcile_interval: Duration,
 
     /// A service port that has held no socket and seen no transition for this long gives its
     /// slot back: its series disappear (counters restart from 0 if it returns).
@@ -129,6 +136,10 @@ fn parse_reconcile(s: &str) -> Result<Duration, String> {
     config::parse_duration("--reconcile-interval", s).map_err(|e| e.to_string())
 }
 
+fn parse_full_reconcile(s: &str) -> Result<Duration, String> {
+    config::parse_duration("--full-reconcile-interval", s).map_err(|e| e.to_string())
+}
+
 fn parse_retire(s: &str) -> Result<Duration, String> {
     config::parse_duration("--port-retire-after", s).map_err(|e| e.to_string())
 }
@@ -151,6 +162,7 @@ impl AgentArgs {
             tracefs: self.tracefs.clone(),
             drain_interval: config::DRAIN_INTERVAL,
             reconcile_interval: self.reconcile_interval,
+            full_reconcile_interval: self.full_reconcile_interval,
             linger_log_cap: self.linger_log_cap,
             per_netns: self.per_netns,
             socket: self.socket.clone(),

@@ -23,6 +23,10 @@ pub(crate) const DEFAULT_MAX_SOCKETS: u32 = 131_072;
 pub(crate) const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 /// The default `--reconcile-interval`.
 pub(crate) const DEFAULT_RECONCILE_TEXT: &str = "15s";
+/// The default `--full-reconcile-interval`: a safety net under the events (which keep the table
+/// right unless the kernel reports a loss, and a loss brings a full dump forward anyway). One
+/// full dump costs about 0.5 CPU-s per 100,000 sockets.
+pub(crate) const DEFAULT_FULL_RECONCILE_TEXT: &str = "5m";
 /// A port retires after this long without a socket or a transition (`--port-retire-after`):
 /// longer than a scrape interval (so the drop to 0 is scraped) and than TIME_WAIT (60 s),
 /// short enough that a burst of one-off ports frees its slots within minutes.
@@ -41,8 +45,10 @@ pub struct AgentConfig {
     pub(crate) drain_interval: Duration,
     /// When a connection in CLOSE_WAIT or FIN_WAIT2 counts as lingering.
     pub(crate) thresholds: Thresholds,
-    /// How often the table is repaired from a sock_diag dump.
+    /// How often a sock_diag dump counts timewait sockets (a light dump).
     pub(crate) reconcile_interval: Duration,
+    /// How often the dump is a full one that repairs the whole table.
+    pub(crate) full_reconcile_interval: Duration,
     /// Lingering events logged one by one per interval.
     pub(crate) linger_log_cap: usize,
     /// Aggregate per network namespace.

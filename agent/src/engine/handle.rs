@@ -20,11 +20,14 @@ pub(crate) enum Request {
         filter: ConnFilter,
         reply: oneshot::Sender<Conns>,
     },
-    /// A sock_diag dump of every namespace, started at `started_ns`, to reconcile with.
+    /// A sock_diag dump of every namespace, started at `started_ns`, to reconcile with: a full
+    /// one (every state; corrects the table), or a light one (timewait sockets, listeners and
+    /// lingering states only; counts and names, corrects nothing).
     Reconcile {
         dump: HostDump,
         started_ns: u64,
         fin_timeout: Duration,
+        full: bool,
     },
 }
 

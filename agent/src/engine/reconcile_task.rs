@@ -5,7 +5,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::handle::Request;
 use crate::clock::monotonic_ns;
+use crate::kernel::sockdiag::States;
 use crate::kernel::{procfs, sockdiag};
+use crate::model::table::reconcile::LIGHT_STATES;
 
 /// The shortest time between a reconciliation and one brought forward by a kernel loss: a
 /// quarter of the interval, between 1 s and 5 s. Under sustained loss (a ring too small for the
@@ -18,8 +20,13 @@ pub(crate) fn early_reconcile_gap(interval: Duration) -> Duration {
 /// to the table task. When the kernel reports lost transitions (`kernel_losses` grows: the ring
 /// was full, or the kernel skipped the program), the next dump is brought forward, no sooner
 /// than `early_reconcile_gap` after the last, so the table is repaired in seconds.
+///
+/// Events keep the table right while nothing is lost, so only the seeding, a dump after a loss,
+/// and one every `full_interval` are full; the others are light (what events cannot see: the
+/// timewait sockets; and the inodes of lingering sockets), and cost what those sockets cost.
 pub(crate) async fn run(
     interval: Duration,
+    full_interval: Duration,
     kernel_losses: impl Fn() -> u64,
     table: mpsc::Sender<Request>,
     mut shutdown: watch::Receiver<bool>,
@@ -31,10 +38,11 @@ pub(crate) async fn run(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut repaired = kernel_losses();
     let mut last = tokio::time::Instant::now();
+    let mut last_full: Option<tokio::time::Instant> = None;
     loop {
         // The losses so far: this dump repairs them.
-        let lost = tokio::select! {
-            _ = tick.tick() => kernel_losses(),
+        let (lost, early) = tokio::select! {
+            _ = tick.tick() => (kernel_losses(), false),
             _ = poll.tick() => {
                 let lost = kernel_losses();
                 if lost <= repaired || last.elapsed() < gap {
@@ -45,27 +53,54 @@ pub(crate) async fn run(
                     "the kernel lost transitions; reconciling now instead of in up to {interval:?}"
                 );
                 tick.reset();
-                lost
+                (lost, true)
             }
             _ = shutdown.changed() => return,
         };
+        let since_full = last_full.map(|at| at.elapsed());
+        let full = full_due(
+            since_full,
+            early || lost > repaired,
+            interval,
+            full_interval,
+        );
         repaired = lost;
         last = tokio::time::Instant::now();
-        let Some(request) = dump().await else {
+        let Some(request) = dump(full).await else {
             continue;
         };
+        if full {
+            last_full = Some(last);
+        }
         if table.send(request).await.is_err() {
             return;
         }
     }
 }
 
+/// Whether a dump must be full: the first (seeding), one after a loss, or one due by
+/// `full_interval` (within half a regular interval, so that a full interval that is a
+/// multiple of the regular one is kept to, not overshot by one).
+fn full_due(
+    since_full: Option<Duration>,
+    lost: bool,
+    interval: Duration,
+    full_interval: Duration,
+) -> bool {
+    lost || since_full.is_none_or(|d| d + interval / 2 >= full_interval)
+}
+
 /// One dump of every namespace, off the async threads; `None` when no namespace could be dumped.
-async fn dump() -> Option<Request> {
+async fn dump(full: bool) -> Option<Request> {
     let started_ns = monotonic_ns();
-    let (dump, fin_timeout) = tokio::task::spawn_blocking(|| {
+    let states = if full {
+        States::All
+    } else {
+        States::Only(&LIGHT_STATES)
+    };
+    let (dump, fin_timeout) = tokio::task::spawn_blocking(move || {
         (
-            sockdiag::dump_host(std::path::Path::new("/proc")),
+            sockdiag::dump_host(std::path::Path::new("/proc"), states),
             procfs::fin_timeout(),
         )
     })
@@ -79,12 +114,28 @@ async fn dump() -> Option<Request> {
         dump,
         started_ns,
         fin_timeout,
+        full,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dumps_are_full_at_start_after_a_loss_and_every_full_interval() {
+        let s = Duration::from_secs;
+        let (i, f) = (s(15), s(300));
+        assert!(full_due(None, false, i, f), "seeding");
+        assert!(!full_due(Some(s(15)), false, i, f));
+        assert!(full_due(Some(s(15)), true, i, f), "after a loss");
+        assert!(!full_due(Some(s(285)), false, i, f));
+        assert!(full_due(Some(s(300)), false, i, f));
+        // Ticks run late by a few ms: the 20th tick is still the full one.
+        assert!(full_due(Some(Duration::from_millis(299_990)), false, i, f));
+        // A full interval at or below the regular one: every dump is full.
+        assert!(full_due(Some(s(2)), false, s(2), s(1)));
+    }
 
     #[test]
     fn an_early_reconciliation_waits_a_quarter_interval_between_one_and_five_seconds() {

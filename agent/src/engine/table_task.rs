@@ -81,6 +81,7 @@ impl TableTask {
     /// Retires idle ports and runs the linger detector; its findings are logged off this task.
     fn on_tick(&mut self) {
         let now = monotonic_ns();
+        self.table.expire_timewait(now);
         let retired = self.table.retire_idle(now, self.port_retire_ns);
         if retired > 0 {
             tracing::debug!(retired, "idle ports gave their slots back");
@@ -96,6 +97,7 @@ impl TableTask {
     }
 
     fn answer(&mut self, request: Request) {
+        self.table.expire_timewait(monotonic_ns());
         match request {
             Request::View(reply) => {
                 let _ = reply.send(View::of(&self.table, &self.detector, monotonic_ns()));
@@ -107,6 +109,7 @@ impl TableTask {
                 dump,
                 started_ns,
                 fin_timeout,
+                full,
             } => {
                 // Events already read belong before the dump's result.
                 while let Ok(batch) = self.batches.try_recv() {
@@ -114,7 +117,13 @@ impl TableTask {
                 }
                 self.table
                     .set_ephemeral_ranges(dump.ephemeral.iter().map(|(n, r)| (*n, r.clone())));
-                self.reconcile(&dump, started_ns, fin_timeout);
+                if full {
+                    self.reconcile(&dump, started_ns, fin_timeout);
+                } else {
+                    let now = monotonic_ns();
+                    self.table
+                        .refresh(&dump.sockets, started_ns, now, fin_timeout);
+                }
             }
         }
     }
@@ -171,6 +180,7 @@ mod tests {
                 dump: HostDump::default(),
                 started_ns: 0,
                 fin_timeout: Duration::from_secs(60),
+                full: true,
             })
             .await
             .unwrap();

@@ -42,8 +42,29 @@ pub(crate) enum SockDiagError {
     Setns { path: String, source: nix::Error },
 }
 
-/// Dumps every TCP socket of the calling thread's network namespace, tagging them `netns`.
-pub(crate) fn dump_here(netns: u32) -> Result<Vec<KernelSocket>, SockDiagError> {
+/// Which sockets a dump asks for: all, or only those in some states (the kernel filters, so a
+/// light dump costs what the sockets it returns cost, plus a walk of the socket hash).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum States {
+    All,
+    Only(&'static [TcpState]),
+}
+
+impl States {
+    fn flags(self) -> StateFlags {
+        match self {
+            States::All => StateFlags::all(),
+            // A timewait socket matches on its substate (TIME_WAIT or FIN_WAIT2).
+            States::Only(states) => StateFlags::from_bits_truncate(
+                states.iter().fold(0, |m, s| m | (1u32 << (*s as u8))),
+            ),
+        }
+    }
+}
+
+/// Dumps the TCP sockets of the calling thread's network namespace in `states`, tagging them
+/// `netns`.
+pub(crate) fn dump_here(netns: u32, states: States) -> Result<Vec<KernelSocket>, SockDiagError> {
     let io = |what| move |source| SockDiagError::Io { what, source };
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(io("socket"))?;
     socket.bind_auto().map_err(io("bind"))?;
@@ -58,7 +79,7 @@ pub(crate) fn dump_here(netns: u32) -> Result<Vec<KernelSocket>, SockDiagError> 
                 family,
                 protocol: IPPROTO_TCP,
                 extensions: ExtensionFlags::empty(),
-                states: StateFlags::all(),
+                states: states.flags(),
                 socket_id: if family == AF_INET {
                     SocketId::new_v4()
                 } else {
@@ -190,7 +211,7 @@ pub(crate) fn dump_namespace(
     netns: u32,
     paths: &[PathBuf],
 ) -> Result<Vec<KernelSocket>, SockDiagError> {
-    in_namespace(netns, paths, || dump_here(netns))
+    in_namespace(netns, paths, || dump_here(netns, States::All))
 }
 
 /// One namespace's sockets and its `ip_local_port_range` (sysctls under `/proc/sys/net` are
@@ -198,9 +219,10 @@ pub(crate) fn dump_namespace(
 pub(crate) fn dump_namespace_with_range(
     netns: u32,
     paths: &[PathBuf],
+    states: States,
 ) -> Result<(Vec<KernelSocket>, RangeInclusive<u16>), SockDiagError> {
     in_namespace(netns, paths, || {
-        Ok((dump_here(netns)?, procfs::ephemeral_range()))
+        Ok((dump_here(netns, states)?, procfs::ephemeral_range()))
     })
 }
 
@@ -251,10 +273,10 @@ pub(crate) struct HostDump {
     pub(crate) ephemeral: BTreeMap<u32, RangeInclusive<u16>>,
 }
 
-pub(crate) fn dump_host(proc: &Path) -> HostDump {
+pub(crate) fn dump_host(proc: &Path, states: States) -> HostDump {
     let mut dump = HostDump::default();
     for (netns, paths) in namespaces(proc) {
-        match dump_namespace_with_range(netns, &paths) {
+        match dump_namespace_with_range(netns, &paths, states) {
             Ok((mut s, range)) => {
                 dump.namespaces += 1;
                 dump.sockets.append(&mut s);
@@ -269,6 +291,14 @@ pub(crate) fn dump_host(proc: &Path) -> HostDump {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_light_dump_asks_for_its_states_only() {
+        use TcpState::*;
+        let f = States::Only(&[TimeWait, Listen]).flags();
+        assert_eq!(f.bits(), (1 << 6) | (1 << 10));
+        assert_eq!(States::All.flags(), StateFlags::all());
+    }
 
     #[test]
     fn the_expires_offset_matches_the_kernel_struct() {

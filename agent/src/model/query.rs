@@ -20,7 +20,7 @@ impl View {
     pub(crate) fn of(table: &Table, detector: &Detector, now_ns: u64) -> View {
         View {
             table: table.snapshot(),
-            linger: detector.snapshot(table.orphans(), now_ns),
+            linger: detector.snapshot(&table.orphans(), now_ns),
             thresholds: detector.thresholds(),
             now_ns,
         }

@@ -430,3 +430,92 @@ fn a_burst_whose_server_closed_first_leaves_room_for_a_new_service() {
         "client connections were folded into other"
     );
 }
+
+/// `n` connections on `port` that close one after the other: the client first (its side keeps
+/// the TIME_WAIT socket), or the server first (the server's side does).
+fn short_connections(port: u16, n: usize, client_first: bool) -> TcpListener {
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let mut buf = [0u8; 1];
+    for _ in 0..n {
+        let (mut client, mut server) = connect_pair(&listener);
+        let (first, second) = if client_first {
+            (client, &mut server)
+        } else {
+            (server, &mut client)
+        };
+        drop(first);
+        // The second closes after reading the first's FIN: an orderly close.
+        assert_eq!(second.read(&mut buf).unwrap(), 0);
+    }
+    listener
+}
+
+#[test]
+fn time_wait_is_counted_as_the_kernel_makes_it_within_a_second_of_ss() {
+    let _area = require_root("ground_truth");
+    let ns = Netns::new("livetw");
+    // An hour between dumps: only the transitions can count these in time.
+    let mut agent = AgentProc::start(&["--reconcile-interval", "1h"]);
+    agent.wait_seeded();
+    let (client_port, server_port) = (7608u16, 7609u16);
+    let _listeners = ns.enter(|| {
+        (
+            short_connections(client_port, 300, true),
+            short_connections(server_port, 200, false),
+        )
+    });
+    let burst_end = Instant::now();
+    let expected = [
+        (client_port, "client", 300u64),
+        (server_port, "server", 200u64),
+    ];
+    for (port, role, n) in expected {
+        assert_eq!(
+            ss_count(&ns, port, role, "time_wait"),
+            n,
+            "ss, {role} {port}"
+        );
+    }
+    // Within a second of the burst (scaled for slow emulated kernels), what ss shows.
+    eventually(Duration::from_secs(1), || {
+        let text = agent.metrics();
+        for (port, role, n) in expected {
+            let ours = gauge(&text, "tcpstate_connections", port, role, "time_wait");
+            if ours != Some(n as f64) {
+                return Err(format!("{role} {port}: tcpstate {ours:?}, ss {n}"));
+            }
+        }
+        Ok(())
+    });
+    eprintln!(
+        "TIME_WAIT counted {:?} after the burst",
+        burst_end.elapsed()
+    );
+    let text = agent.metrics();
+    assert_eq!(
+        value(&text, "tcpstate_reconciliations_total", &[]),
+        Some(1.0),
+        "only the seeding dump ran: the events counted them"
+    );
+    // No TIME_WAIT on the sides that closed second.
+    assert_eq!(
+        gauge(
+            &text,
+            "tcpstate_connections",
+            client_port,
+            "server",
+            "time_wait"
+        ),
+        None
+    );
+    assert_eq!(
+        gauge(
+            &text,
+            "tcpstate_connections",
+            server_port,
+            "client",
+            "time_wait"
+        ),
+        None
+    );
+}

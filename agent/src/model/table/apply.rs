@@ -6,6 +6,11 @@ use super::{Conn, PortKey, Role, Table, Tuple, complete, depart, role_of};
 use crate::model::ending::CloseHow;
 use crate::model::event::Transition;
 
+/// Sockets closed by their owner in `FIN_WAIT2` whose `-> CLOSE` has not come: it follows at
+/// once (or at `tcp_fin_timeout`), so more than this means closes are being lost; the dumps
+/// correct the counts.
+const ORPHANED_LIMIT: usize = 4096;
+
 impl Table {
     /// Applies one transition.
     pub fn apply(&mut self, t: &Transition) {
@@ -65,7 +70,14 @@ impl Table {
         if t.old == t.new && conn.state == t.new {
             // A self-transition: close() of a socket already in FIN_WAIT2 sets the state
             // again. A transition the kernel made, but the socket stays where it was: no
-            // duration, no new entry time, and a lingering socket goes on lingering.
+            // duration, no new entry time, and a lingering socket goes on lingering. Its owner
+            // let it go: its timewait socket will be an orphan's.
+            if t.new == TcpState::FinWait2 {
+                if self.orphaned.len() >= ORPHANED_LIMIT {
+                    self.orphaned.clear();
+                }
+                self.orphaned.insert(t.sock);
+            }
             return;
         }
         // Only sockets already lingering pay for this, once.
@@ -100,6 +112,10 @@ impl Table {
             }
             let tuple = self.tuple(conn.netns, conn.local, conn.remote);
             self.recent_closes.record(&tuple, t.ts_ns);
+            let orphan = self.orphaned.remove(&t.sock);
+            if matches!(t.old, TcpState::FinWait2 | TcpState::Closing) {
+                self.enter_timewait(&conn, orphan, t.ts_ns);
+            }
         } else {
             stats.add(t.new, false);
             conn.state = t.new;

@@ -55,7 +55,7 @@ pub(crate) struct EphemeralUse {
     pub(crate) top: Vec<DestUse>,
 }
 
-/// Destinations of the timewait sockets of the last dump: (key, namespace, remote) -> count.
+/// Destinations of the timewait sockets: (key, namespace, remote) -> count.
 pub(super) type TimewaitDests = FxHashMap<(PortKey, u32, Endpoint), u64>;
 
 fn size(r: &RangeInclusive<u16>) -> u64 {
@@ -76,23 +76,22 @@ impl Table {
         self.ranges.get(&ns).unwrap_or(&self.ephemeral)
     }
 
-    /// Counts a timewait socket of a dump toward its destination, when it is a client's with an
-    /// ephemeral local port.
-    pub(super) fn count_timewait_dest(
-        &mut self,
+    /// The destination a timewait socket holds an ephemeral port toward, when it is a client's
+    /// with a local port in its namespace's range.
+    pub(super) fn timewait_dest(
+        &self,
         role: Role,
-        key: PortKey,
-        d: &super::KernelSocket,
-    ) {
-        let ns = self.ns(d.netns);
-        if role == Role::Client && self.range_of(ns).contains(&d.local.port()) {
-            *self.tw_dests.entry((key, ns, d.remote.into())).or_default() += 1;
-        }
+        netns: u32,
+        local: Endpoint,
+        remote: Endpoint,
+    ) -> Option<(u32, Endpoint)> {
+        let ns = self.ns(netns);
+        (role == Role::Client && self.range_of(ns).contains(&local.port())).then_some((ns, remote))
     }
 
     /// Ephemeral ports in use per destination, now.
     pub(crate) fn ephemeral_use(&self) -> EphemeralUse {
-        let mut per = self.tw_dests.clone();
+        let mut per = self.tw.dests().clone();
         for c in self.conns.values() {
             if c.role != Role::Client || c.local.port() == 0 || c.remote.port() == 0 {
                 continue;

@@ -44,6 +44,7 @@ pub(crate) mod reconcile;
 pub(crate) mod stats;
 #[cfg(test)]
 mod tests;
+pub(crate) mod timewait;
 
 pub use conn::DEFAULT_EPHEMERAL;
 pub(crate) use conn::{Conn, Endpoint, PortKey, Role, role_of};
@@ -54,12 +55,11 @@ pub(crate) use stats::DEFAULT_HISTOGRAM_PORTS;
 use stats::Durations;
 pub(crate) use stats::{BUCKETS_SECONDS, BudgetFull, Hist, PortStats};
 
-use super::event::KernelSocket;
 use super::state::{DEFAULT_DURATION_STATES, StateSet};
-use ephemeral::TimewaitDests;
 pub(crate) use ephemeral::{DestUse, EphemeralUse};
+use timewait::Timewaits;
 
-/// An orphaned `FIN_WAIT2` (timewait) socket of the last dump: counted, not tracked.
+/// An orphaned `FIN_WAIT2` (timewait) socket: counted, not tracked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Orphan {
     pub(crate) role: Role,
@@ -100,7 +100,7 @@ pub(crate) struct TableCounters {
 /// A consistent copy of the aggregates, for the metrics endpoint.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    /// Sorted by (role, port). `current` includes the timewait sockets of the last dump.
+    /// Sorted by (role, port). `current` includes the timewait sockets.
     pub(crate) ports: Vec<(Role, PortKey, PortStats)>,
     pub(crate) tracked_sockets: usize,
     pub(crate) counters: TableCounters,
@@ -108,7 +108,7 @@ pub struct Snapshot {
     /// Ports with a slot, per role (`other` not included), and the budget.
     pub(crate) ports_tracked: [usize; 2],
     pub(crate) max_ports: usize,
-    /// Orphaned FIN_WAIT2 sockets of the last dump per (role, port): count, oldest entry time.
+    /// Orphaned FIN_WAIT2 sockets per (role, port): count, oldest entry time.
     pub(crate) orphans: Vec<(Role, PortKey, u64, u64)>,
     pub(crate) ephemeral: EphemeralUse,
 }
@@ -136,18 +136,19 @@ pub struct Table {
     ephemeral: RangeInclusive<u16>,
     /// Each namespace's range, from the last dump (else `ephemeral`).
     ranges: FxHashMap<u32, RangeInclusive<u16>>,
-    /// Client timewait sockets of the last dump per destination.
-    tw_dests: TimewaitDests,
     counters: TableCounters,
     departures: Vec<Departure>,
     /// Seeded sockets by 4-tuple, to adopt them when their real socket's events arrive.
     seeded_by_tuple: FxHashMap<Tuple, Vec<u64>>,
     next_synthetic: u64,
     recent_closes: RecentCloses,
-    /// Timewait sockets from the last dump, per (role, port): `[TIME_WAIT, FIN_WAIT2]`.
-    timewait: FxHashMap<(Role, PortKey), [u64; 2]>,
-    /// Orphaned FIN_WAIT2 (timewait) sockets from the last dump: when they entered the state.
-    orphans: Vec<Orphan>,
+    /// Timewait sockets, from the events that made them and from dumps.
+    tw: Timewaits,
+    /// Sockets their owner closed in `FIN_WAIT2`: their `-> CLOSE` makes an orphan's timewait
+    /// socket.
+    orphaned: rustc_hash::FxHashSet<u64>,
+    /// `tcp_fin_timeout`: how long an orphan's timewait socket lives.
+    fin_timeout_ns: u64,
     reconcile: ReconcileTotals,
 }
 
@@ -172,14 +173,14 @@ impl Table {
             listening: FxHashMap::default(),
             ephemeral,
             ranges: FxHashMap::default(),
-            tw_dests: TimewaitDests::default(),
             counters: TableCounters::default(),
             departures: Vec::new(),
             seeded_by_tuple: FxHashMap::default(),
             next_synthetic: 1,
             recent_closes: RecentCloses::default(),
-            timewait: FxHashMap::default(),
-            orphans: Vec::new(),
+            tw: Timewaits::default(),
+            orphaned: rustc_hash::FxHashSet::default(),
+            fin_timeout_ns: 60_000_000_000,
             reconcile: ReconcileTotals::default(),
         }
     }
@@ -281,14 +282,14 @@ impl Table {
             .map(|(&(role, key), stats)| (role, key, (**stats).clone()))
             .collect();
         for (role, key, stats) in ports.iter_mut() {
-            if let Some([tw, fw2]) = self.timewait.get(&(*role, *key)) {
+            if let Some([tw, fw2]) = self.tw.of(*role, *key) {
                 stats.current[TcpState::TimeWait.index()] += tw;
                 stats.current[TcpState::FinWait2.index()] += fw2;
             }
         }
         ports.sort_by_key(|(role, key, _)| (*role, *key));
         let mut orphans: FxHashMap<(Role, PortKey), (u64, u64)> = FxHashMap::default();
-        for o in &self.orphans {
+        for o in &self.tw.orphans() {
             let slot = orphans.entry((o.role, o.key)).or_insert((0, u64::MAX));
             slot.0 += 1;
             slot.1 = slot.1.min(o.since_ns);
@@ -320,9 +321,14 @@ impl Table {
         }
     }
 
-    /// Orphaned FIN_WAIT2 sockets of the last dump.
-    pub(crate) fn orphans(&self) -> &[Orphan] {
-        &self.orphans
+    /// Orphaned FIN_WAIT2 (timewait) sockets.
+    pub(crate) fn orphans(&self) -> Vec<Orphan> {
+        self.tw.orphans()
+    }
+
+    /// Forgets the timewait sockets whose timer ran out, as the kernel does.
+    pub(crate) fn expire_timewait(&mut self, now_ns: u64) {
+        self.tw.expire(now_ns);
     }
 
     pub(crate) fn reconcile_totals(&self) -> ReconcileTotals {

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use rustc_hash::FxHashSet;
 use tcpstate_common::TcpState;
 
-use super::Orphan;
 use super::conn::digest;
 use super::stats::MATTERS;
 use super::{Conn, Role, Table, Tuple, complete, depart, role_of};
@@ -26,11 +25,24 @@ pub(crate) struct Corrections {
 /// Totals over every reconciliation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ReconcileTotals {
+    /// Every dump, light or full.
     pub(crate) runs: u64,
+    /// Full dumps: every state, with corrections.
+    pub(crate) full_runs: u64,
     pub(crate) corrections: Corrections,
     /// CLOCK_MONOTONIC ns of the last one, 0 before the first.
     pub(crate) last_ns: u64,
 }
+
+/// What a light dump asks the kernel for: timewait sockets (`TIME_WAIT`, and orphans in the
+/// `FIN_WAIT2` substate), listeners (they tell a timewait socket's role), and the states whose
+/// sockets linger (their inodes name their owners).
+pub(crate) const LIGHT_STATES: [TcpState; 4] = [
+    TcpState::TimeWait,
+    TcpState::FinWait2,
+    TcpState::CloseWait,
+    TcpState::Listen,
+];
 
 /// Synthetic keys for sockets known only from sock_diag start at 1; kernel addresses live in the
 /// top half of the address space, so the two never meet.
@@ -101,13 +113,57 @@ impl Table {
             .collect();
         let plan = self.plan(dump, started_ns);
         let c = self.correct(dump, plan, &listening, now_ns);
-        self.count_timewait(dump, &listening, now_ns, fin_timeout);
+        self.count_timewait(dump, &listening, started_ns, now_ns, fin_timeout);
         self.reconcile.runs += 1;
+        self.reconcile.full_runs += 1;
         self.reconcile.last_ns = now_ns;
         self.reconcile.corrections.stale += c.stale;
         self.reconcile.corrections.missing += c.missing;
         self.reconcile.corrections.state += c.state;
         c
+    }
+
+    /// A light reconciliation, from a dump of only [`LIGHT_STATES`]: counts the timewait
+    /// sockets and gives the table's `CLOSE_WAIT` and `FIN_WAIT2` sockets their inodes (the key to
+    /// their owners). It corrects nothing: events keep the table right unless the kernel reports
+    /// a loss, and then a full dump follows.
+    pub(crate) fn refresh(
+        &mut self,
+        dump: &[KernelSocket],
+        started_ns: u64,
+        now_ns: u64,
+        fin_timeout: std::time::Duration,
+    ) {
+        use TcpState::*;
+        let listening: FxHashSet<(u32, u16)> = dump
+            .iter()
+            .filter(|d| d.state == Listen)
+            .map(|d| (d.netns, d.local.port()))
+            .collect();
+        let inodes: rustc_hash::FxHashMap<Tuple, u32> = dump
+            .iter()
+            .filter(|d| !d.timewait && d.inode != 0 && matches!(d.state, CloseWait | FinWait2))
+            .map(|d| (self.tuple(d.netns, d.local, d.remote), d.inode))
+            .collect();
+        if !inodes.is_empty() {
+            let keyed = self.netns_in_events;
+            let ns = |n| if keyed { n } else { 0 };
+            for conn in self.conns.values_mut() {
+                if conn.inode == 0 && matches!(conn.state, CloseWait | FinWait2) {
+                    let tuple = Tuple {
+                        netns: ns(conn.netns),
+                        local: conn.local,
+                        remote: conn.remote,
+                    };
+                    if let Some(&inode) = inodes.get(&tuple) {
+                        conn.inode = inode;
+                    }
+                }
+            }
+        }
+        self.count_timewait(dump, &listening, started_ns, now_ns, fin_timeout);
+        self.reconcile.runs += 1;
+        self.reconcile.last_ns = now_ns;
     }
 
     /// What a dump says must change: sockets to drop, to restate, and dump entries to add.
@@ -294,43 +350,45 @@ impl Table {
         c
     }
 
-    /// Timewait sockets: counted per port from the dump, never tracked one by one.
+    /// Timewait sockets: counted per port, never tracked one by one. The dump's replace what
+    /// events announced, except those made after the dump started that it did not see.
     pub(super) fn count_timewait(
         &mut self,
         dump: &[KernelSocket],
         listening: &FxHashSet<(u32, u16)>,
+        started_ns: u64,
         now_ns: u64,
         fin_timeout: std::time::Duration,
     ) {
-        use TcpState::*;
-        self.timewait.clear();
-        self.orphans.clear();
-        self.tw_dests.clear();
+        self.fin_timeout_ns = fin_timeout.as_nanos() as u64;
+        let mut found = Vec::new();
         for d in dump.iter().filter(|d| d.timewait) {
             let (role, port) = self.dump_role(d, listening);
             let key = self.port_key(role, d.netns, port, false, now_ns);
-            self.count_timewait_dest(role, key, d);
             let stats = self.stats.entry((role, key)).or_default();
             stats.seen.insert(d.state);
             stats.last_active_ns = stats.last_active_ns.max(now_ns);
-            let slot = self.timewait.entry((role, key)).or_default();
-            match d.state {
-                TimeWait => slot[0] += 1,
-                FinWait2 => {
-                    slot[1] += 1;
-                    // The kernel arms an orphaned FIN_WAIT2 socket's timer with
-                    // tcp_fin_timeout when it enters the state: what is spent is the age.
-                    let left = d.timer_left.unwrap_or_default();
-                    let age = fin_timeout.saturating_sub(left).as_nanos() as u64;
-                    self.orphans.push(Orphan {
-                        role,
-                        key,
-                        since_ns: now_ns.saturating_sub(age),
-                    });
-                }
-                _ => {}
-            }
+            let orphan = d.state == TcpState::FinWait2;
+            // The kernel arms the timer for the whole life when the socket enters the state:
+            // what is spent is the age.
+            let life = if orphan {
+                self.fin_timeout_ns
+            } else {
+                super::timewait::TIME_WAIT_NS
+            };
+            let left = d.timer_left.map_or(life, |l| l.as_nanos() as u64);
+            let (local, remote) = (d.local.into(), d.remote.into());
+            found.push(super::timewait::Tw {
+                role,
+                key,
+                orphan,
+                since_ns: now_ns.saturating_sub(life.saturating_sub(left)),
+                expires_ns: now_ns + left,
+                digest: digest(&self.tuple(d.netns, d.local, d.remote)),
+                dest: self.timewait_dest(role, d.netns, local, remote),
+            });
         }
+        self.tw.replace(found, started_ns);
     }
 
     pub(super) fn dump_role(

@@ -186,12 +186,13 @@ impl Table {
     /// counters start again from zero if they come back. `other` retires the same way.
     /// Returns how many retired.
     pub(crate) fn retire_idle(&mut self, now_ns: u64, idle_ns: u64) -> usize {
+        self.tw.expire(now_ns);
         let idle: Vec<(Role, PortKey)> = self
             .stats
             .iter()
             .filter(|(k, s)| {
                 s.holds_nothing()
-                    && !self.timewait.contains_key(k)
+                    && !self.tw.holds(k.0, k.1)
                     && now_ns.saturating_sub(s.last_active_ns) >= idle_ns
             })
             .map(|(k, _)| *k)
@@ -278,20 +279,11 @@ impl Table {
         };
         self.remove_port(role, key);
         self.counters.ports_evicted += 1;
-        if let Some([tw, fw2]) = self.timewait.remove(&(role, key)) {
+        if self.tw.holds(role, key) {
             let other = self.stats.entry((role, key.other())).or_default();
             other.seen.insert(TcpState::TimeWait);
             other.seen.insert(TcpState::FinWait2);
-            let slot = self.timewait.entry((role, key.other())).or_default();
-            slot[0] += tw;
-            slot[1] += fw2;
-            for o in self
-                .orphans
-                .iter_mut()
-                .filter(|o| (o.role, o.key) == (role, key))
-            {
-                o.key = key.other();
-            }
+            self.tw.rekey(role, key, key.other());
         }
         true
     }

@@ -19,7 +19,7 @@ mod teardown;
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Sources {
     pub(crate) view: View,
-    /// Records read from the ring buffer.
+    /// Transitions read from the ring buffer.
     pub(crate) events: u64,
     /// Events lost in the kernel: the ring was full, or the program was skipped.
     pub(crate) lost_kernel: u64,
@@ -298,9 +298,15 @@ fn pipeline(s: &Sources) -> Vec<MetricFamily> {
         ),
         one(
             "tcpstate_reconciliations_total",
-            "sock_diag dumps reconciled with the table (the first one seeds it).",
+            "sock_diag dumps reconciled with the table, light and full (the first one seeds it).",
             MetricType::COUNTER,
             r.runs,
+        ),
+        one(
+            "tcpstate_full_reconciliations_total",
+            "Full sock_diag dumps (every socket; they repair the table): at start, after a loss, and every --full-reconcile-interval.",
+            MetricType::COUNTER,
+            r.full_runs,
         ),
         one(
             "tcpstate_events_total",

@@ -12,6 +12,7 @@ mod budget;
 mod ephemeral;
 mod properties;
 mod reconcile;
+mod timewait;
 
 pub(super) const SOCK_A: u64 = 0xffff_0000_0000_1000;
 pub(super) const SOCK_B: u64 = 0xffff_0000_0000_2000;
