@@ -213,6 +213,8 @@ fn spawn_engine(
         port_retire_ns: cfg.port_retire_after.as_nanos() as u64,
     };
     let losses = shared.losses.clone();
+    let activity = shared.reader.clone();
+    let agent_losses = shared.reader.clone();
     let (rate_in, rate_out) = (shared.reader.clone(), shared.rate.clone());
     let tasks = vec![
         tokio::spawn(table_task.run()),
@@ -220,7 +222,9 @@ fn spawn_engine(
         tokio::spawn(reconcile_task::run(
             cfg.reconcile_interval,
             cfg.full_reconcile_interval,
-            move || losses.read().total,
+            // A batch the table task could not take is a loss too: the table missed it.
+            move || losses.read().total + agent_losses.load().lost_agent,
+            move || activity.load().events,
             req_tx,
             stop.clone(),
         )),

@@ -17,17 +17,22 @@ pub(crate) fn early_reconcile_gap(interval: Duration) -> Duration {
 }
 
 /// Dumps every namespace's sockets now (seeding), then every `interval`, and hands each dump
-/// to the table task. When the kernel reports lost transitions (`kernel_losses` grows: the ring
-/// was full, or the kernel skipped the program), the next dump is brought forward, no sooner
-/// than `early_reconcile_gap` after the last, so the table is repaired in seconds.
+/// to the table task. When transitions are lost (`kernel_losses` grows: the ring was full, the
+/// kernel skipped the program, or the table task could not take a batch), the next dump is
+/// brought forward, no sooner than `early_reconcile_gap` after the last, so the table is
+/// repaired in seconds.
 ///
 /// Events keep the table right while nothing is lost, so only the seeding, a dump after a loss,
 /// and one every `full_interval` are full; the others are light (what events cannot see: the
-/// timewait sockets; and the inodes of lingering sockets), and cost what those sockets cost.
+/// timewait sockets; and the inodes of lingering sockets). A light dump still walks every
+/// socket of the host in the kernel, once per namespace, so it is skipped when no transition
+/// arrived (`activity` did not move) since the last dump: an idle host has nothing to correct,
+/// and its timewait sockets expire on their own timers.
 pub(crate) async fn run(
     interval: Duration,
     full_interval: Duration,
     kernel_losses: impl Fn() -> u64,
+    activity: impl Fn() -> u64,
     table: mpsc::Sender<Request>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -39,6 +44,7 @@ pub(crate) async fn run(
     let mut repaired = kernel_losses();
     let mut last = tokio::time::Instant::now();
     let mut last_full: Option<tokio::time::Instant> = None;
+    let mut seen = activity();
     loop {
         // The losses so far: this dump repairs them.
         let (lost, early) = tokio::select! {
@@ -64,6 +70,12 @@ pub(crate) async fn run(
             interval,
             full_interval,
         );
+        let now_seen = activity();
+        if !full && now_seen == seen {
+            tracing::trace!("no transition since the last dump: nothing to correct");
+            continue;
+        }
+        seen = now_seen;
         repaired = lost;
         last = tokio::time::Instant::now();
         let Some(request) = dump(full).await else {

@@ -46,10 +46,16 @@ impl ReaderStats {
     }
 }
 
+/// The longest pause between drains while the ring stays empty.
+pub(crate) const IDLE_DRAIN: Duration = Duration::from_millis(160);
+
 /// Reads until `shutdown` turns true or the table task goes away.
 ///
 /// The program wakes us only when a quarter of the ring is waiting (a wakeup per event costs
-/// more than the event), so we also drain every `drain_every`.
+/// more than the event), so we also drain every `drain_every`. While the ring stays empty the
+/// pause doubles, up to [`IDLE_DRAIN`]: an idle host should not wake the agent 100 times a
+/// second, and the first events after a pause wait at most that long (a burst wakes the reader
+/// at once, at a quarter of the ring).
 pub async fn run(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<Batch>,
@@ -61,8 +67,7 @@ pub async fn run(
     // `AsyncFd` (and with it the ring) is dropped.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(std::io::Error::from)?;
-    let mut tick = tokio::time::interval(drain_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pause = drain_every;
     let mut reader = Drainer {
         tx,
         stats,
@@ -70,22 +75,24 @@ pub async fn run(
         decode_error_reported: false,
     };
     loop {
-        let open = tokio::select! {
+        let read = tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                let open = reader.drain(guard.get_inner_mut());
+                let read = reader.drain(guard.get_inner_mut());
                 guard.clear_ready();
-                open
+                read
             }
-            _ = tick.tick() => reader.drain(fd.get_mut()),
+            _ = tokio::time::sleep(pause) => reader.drain(fd.get_mut()),
             _ = shutdown.changed() => {
                 // Hand over what is already in the ring before stopping.
                 reader.drain(fd.get_mut());
                 return Ok(());
             }
         };
-        if !open {
-            return Ok(());
+        match read {
+            None => return Ok(()),
+            Some(0) => pause = (pause * 2).min(IDLE_DRAIN.max(drain_every)),
+            Some(_) => pause = drain_every,
         }
     }
 }
@@ -98,8 +105,8 @@ struct Drainer {
 }
 
 impl Drainer {
-    /// Drains everything waiting. Returns false once the table task is gone.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
+    /// Drains everything waiting: how many records, `None` once the table task is gone.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Option<u64> {
         let mut read = 0u64;
         while let Some(item) = ring.next() {
             read += 1;
@@ -115,11 +122,11 @@ impl Drainer {
             }
             drop(item);
             if self.batch.len() >= MAX_BATCH && !self.send() {
-                return false;
+                return None;
             }
         }
         self.stats.events.fetch_add(read, Ordering::Relaxed);
-        self.batch.is_empty() || self.send()
+        (self.batch.is_empty() || self.send()).then_some(read)
     }
 
     fn send(&mut self) -> bool {

@@ -208,7 +208,7 @@ fn lingering(e: &Evidence) -> Vec<Finding> {
         .collect()
 }
 
-/// Many orphaned FIN_WAIT2 sockets on a port (from the last dump).
+/// Many orphaned FIN_WAIT2 sockets on a port.
 fn orphans(e: &Evidence) -> Vec<Finding> {
     e.view
         .table

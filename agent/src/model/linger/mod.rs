@@ -302,7 +302,7 @@ impl Detector {
         out
     }
 
-    /// The lingering set, plus the orphaned FIN_WAIT2 (timewait) sockets of the last dump that
+    /// The lingering set, plus the orphaned FIN_WAIT2 (timewait) sockets that
     /// are past the threshold at `now_ns`: the kernel owns those, they are counted, not listed.
     pub(crate) fn snapshot(&self, orphans: &[Orphan], now_ns: u64) -> LingerSnapshot {
         let mut current: FxHashMap<LingerKey, LingerAgg> = FxHashMap::default();

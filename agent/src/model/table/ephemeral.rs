@@ -2,7 +2,7 @@
 //! other socket of the same source address uses toward the same destination address and port,
 //! `TIME_WAIT` included: toward one destination at most the size of `ip_local_port_range` can
 //! exist at once, and then `connect()` fails with `EADDRNOTAVAIL`. Counted from the live
-//! client connections of the table and the timewait sockets of the last dump, against the range
+//! client connections of the table and the timewait sockets, against the range
 //! of the socket's own network namespace.
 use std::ops::RangeInclusive;
 

@@ -181,8 +181,8 @@ impl Durations {
 const EVICT_RETRY_NS: u64 = 1_000_000_000;
 
 impl Table {
-    /// Gives back the slots of ports that hold no socket (timewait ones from the last dump
-    /// included) and have seen no transition for `idle_ns`: their series disappear, and their
+    /// Gives back the slots of ports that hold no socket (timewait ones included, until
+    /// they expire) and have seen no transition for `idle_ns`: their series disappear, and their
     /// counters start again from zero if they come back. `other` retires the same way.
     /// Returns how many retired.
     pub(crate) fn retire_idle(&mut self, now_ns: u64, idle_ns: u64) -> usize {
