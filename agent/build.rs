@@ -15,10 +15,22 @@ fn main() -> anyhow::Result<()> {
     // --breakdown`); the eBPF crate reads the variable with `option_env!`.
     println!("cargo:rerun-if-env-changed=TCPSTATE_BENCH_VARIANT");
     let variant = std::env::var("TCPSTATE_BENCH_VARIANT").unwrap_or_default();
-    const VARIANTS: &[&str] = &["", "empty", "copy", "no-map", "no-clock", "no-ring"];
+    const VARIANTS: &[&str] = &[
+        "",
+        "empty",
+        "copy",
+        "no-map",
+        "no-clock",
+        "no-ring",
+        "no-common-lru",
+        "hash",
+        "pid-on-open",
+        "no-query",
+    ];
     if !VARIANTS.contains(&variant.as_str()) {
         anyhow::bail!(
-            "TCPSTATE_BENCH_VARIANT={variant}: not one of empty, copy, no-map, no-clock, no-ring"
+            "TCPSTATE_BENCH_VARIANT={variant}: not one of {}",
+            VARIANTS[1..].join(", ")
         );
     }
     if !variant.is_empty() {

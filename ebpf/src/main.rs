@@ -41,8 +41,21 @@ mod program {
     /// `skaddr -> bpf_ktime_get_ns()` when the socket entered its current state. LRU so that
     /// sockets whose `-> CLOSE` we never see cannot fill it. The entry is deleted at `-> CLOSE`
     /// because the kernel reuses `struct sock` addresses after free.
+    #[cfg(not(tcpstate_bench_hash))]
     #[map]
-    static SOCK_STATE: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(131_072, 0);
+    static SOCK_STATE: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(
+        131_072,
+        if BENCH_NO_COMMON_LRU {
+            BPF_F_NO_COMMON_LRU
+        } else {
+            0
+        },
+    );
+    /// Benchmark only: a preallocated hash in place of the LRU (a full map refuses inserts).
+    #[cfg(tcpstate_bench_hash)]
+    #[map]
+    static SOCK_STATE: aya_ebpf::maps::HashMap<u64, SockState> =
+        aya_ebpf::maps::HashMap::with_max_entries(131_072, 0);
 
     /// Events lost because the ring buffer was full: only the program can know, so it counts
     /// them here, per CPU (no atomics on the hot path). The agent sums the slots.
@@ -83,6 +96,15 @@ mod program {
     const BENCH_NO_CLOCK: bool = variant("no-clock");
     /// Everything but the ring buffer: no event leaves the kernel.
     const BENCH_NO_RING: bool = variant("no-ring");
+    /// Alternatives, each whole: per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`) instead of one
+    /// shared list...
+    const BENCH_NO_COMMON_LRU: bool = variant("no-common-lru");
+    /// ...the pid read only on the transitions that run in the owner's context (connect, listen,
+    /// close, shutdown), not in softirq...
+    const BENCH_PID_ON_OPEN: bool = variant("pid-on-open");
+    /// ...no query of the ring's backlog per event: the reader's 10 ms timer alone drains.
+    const BENCH_NO_QUERY: bool = variant("no-query");
+    const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
     #[tracepoint]
     pub fn tcpstate(ctx: TracePointContext) -> u32 {
@@ -226,7 +248,11 @@ mod program {
         if BENCH_NO_RING {
             return Ok(());
         }
-        let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        let waiting = if BENCH_NO_QUERY {
+            0
+        } else {
+            EVENTS.query(BPF_RB_AVAIL_DATA as u64)
+        };
         let threshold = u64::from(cfg.wakeup_bytes);
         let flags = if waiting >= threshold && waiting < threshold + WAKEUP_WINDOW {
             BPF_RB_FORCE_WAKEUP
@@ -270,7 +296,11 @@ mod program {
                 daddr.add(1).write_unaligned(0);
             }
             (*e).netns = netns;
-            (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            (*e).pid = if BENCH_PID_ON_OPEN && !owner_context(oldstate, newstate) {
+                0
+            } else {
+                (bpf_get_current_pid_tgid() >> 32) as u32
+            };
             (*e).sport = field::<u16>(span, s, l.sport);
             (*e).dport = field::<u16>(span, s, l.dport);
             (*e).family = family;
@@ -279,6 +309,17 @@ mod program {
         }
         entry.submit(flags);
         Ok(())
+    }
+
+    /// Transitions made by a system call of the socket's owner: `connect()` (CLOSE -> SYN_SENT),
+    /// `listen()`, `close()` or `shutdown()` (ESTABLISHED -> FIN_WAIT1, CLOSE_WAIT -> LAST_ACK,
+    /// and anything -> CLOSE, which a close() with unread data or SO_LINGER 0 makes).
+    #[inline(always)]
+    fn owner_context(old: i32, new: i32) -> bool {
+        old == TcpState::Close as i32
+            || new == TcpState::Close as i32
+            || new == TcpState::FinWait1 as i32
+            || new == TcpState::LastAck as i32
     }
 
     #[panic_handler]

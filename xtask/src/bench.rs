@@ -21,18 +21,24 @@ const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 const HELP: &str =
     "usage: cargo xtask bench [--scenario churn|busy|all] [--connections N] [--rounds R]
-                         [--breakdown] [-- AGENT_ARGS...]
+                         [--breakdown [--variants LIST]] [-- AGENT_ARGS...]
 
   --scenario S     churn: throughput with and without the agent, agent CPU, losses;
                    busy: a busy host (400 ports, 100,000 connections, a burst of 30,000
                    server-first connections, a CLOSE_WAIT leak): series in /metrics, scrape
-                   time and size, agent RSS; all (default): both
+                   time and size, agent RSS; and the agent's CPU while those connections sit
+                   idle, from a full dump to the next (5 minutes with the defaults);
+                   all (default): both
   --connections N  connections per round (default 50000, ten transitions each)
   --rounds R       rounds of each kind, interleaved (default 15)
-  --breakdown      also rebuild the eBPF program five times, each with one part left out
-                   (everything, all but the record copy, the map, the clock, the ring buffer),
-                   and measure the throughput ratio of each: what every part costs. Rebuilds
-                   the real agent at the end.
+  --breakdown      also rebuild the eBPF program once per variant, each with one part left
+                   out (everything, all but the record copy, the map, the clock, the ring
+                   buffer) or done another way (per-CPU LRU lists, a preallocated hash, the
+                   pid only in the owner's context, no backlog query), and measure each: what
+                   every part costs, and the program's run time against the empty program's
+                   (the floor) in the same run. Rebuilds the real agent at the end.
+  --variants LIST  with --breakdown, only these variants (comma-separated; `empty` is always
+                   measured, as the floor)
   AGENT_ARGS       extra flags for `tcpstate agent`, e.g. -- --ring-size 1MiB
 
   TCPSTATE_BENCH_AGENT=PATH measures another build of the agent (e.g. an older one).
@@ -48,6 +54,23 @@ const VARIANTS: &[(&str, &str)] = &[
     ("no-map", "the per-socket LRU map (entry time, namespace)"),
     ("no-clock", "the clock read (bpf_ktime_get_ns)"),
     ("no-ring", "the ring buffer: no event leaves the kernel"),
+    // Alternatives: each keeps everything, done another way.
+    (
+        "no-common-lru",
+        "(alternative) the LRU's shared list: per-CPU lists (BPF_F_NO_COMMON_LRU)",
+    ),
+    (
+        "hash",
+        "(alternative) the LRU: a preallocated hash of the same size",
+    ),
+    (
+        "pid-on-open",
+        "(alternative) the pid helper on transitions in softirq (pid 0 there)",
+    ),
+    (
+        "no-query",
+        "(alternative) the per-event ring backlog query (the reader's timer drains)",
+    ),
 ];
 
 /// Rebuilds `target/release/tcpstate` with the program variant given, or as the environment
@@ -58,6 +81,7 @@ pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
     let mut connections = 50_000u64;
     let mut rounds = 15usize;
     let mut breakdown = false;
+    let mut only: Option<Vec<String>> = None;
     let mut scenario = "all".to_string();
     let mut agent_args: Vec<String> = Vec::new();
     let mut it = args.iter();
@@ -66,6 +90,15 @@ pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
             "--connections" => connections = num(it.next(), "--connections")?,
             "--rounds" => rounds = num(it.next(), "--rounds")? as usize,
             "--breakdown" => breakdown = true,
+            "--variants" => {
+                let list = it.next().ok_or("--variants needs a list")?;
+                for v in list.split(',') {
+                    if !VARIANTS.iter().any(|(name, _)| *name == v) {
+                        return Err(format!("bench: no variant `{v}`\n{HELP}"));
+                    }
+                }
+                only = Some(list.split(',').map(String::from).collect::<Vec<_>>());
+            }
             "--scenario" => match it.next().map(String::as_str) {
                 Some(s @ ("churn" | "busy" | "all")) => scenario = s.to_string(),
                 other => {
@@ -95,6 +128,15 @@ pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
         connections,
     };
     if scenario != "busy" {
+        let breakdown = breakdown.then(|| {
+            VARIANTS
+                .iter()
+                .filter(|(name, _)| {
+                    *name == "empty" || only.as_ref().is_none_or(|o| o.iter().any(|v| v == name))
+                })
+                .copied()
+                .collect::<Vec<_>>()
+        });
         churn_scenario(&bench, connections, rounds, breakdown, rebuild)?;
     }
     if scenario != "churn" {
@@ -107,7 +149,7 @@ fn churn_scenario(
     bench: &Bench,
     connections: u64,
     rounds: usize,
-    breakdown: bool,
+    breakdown: Option<Vec<(&str, &str)>>,
     rebuild: Rebuild,
 ) -> Result {
     let _ = Command::new("ip")
@@ -138,8 +180,8 @@ fn churn_scenario(
 
     let m = bench.measure(rounds)?;
     report_churn(&m, connections, rounds);
-    if breakdown {
-        report_breakdown(bench, &m, rounds, rebuild)?;
+    if let Some(variants) = breakdown {
+        report_breakdown(bench, &m, rounds, &variants, rebuild)?;
     }
     Ok(())
 }
@@ -191,7 +233,13 @@ fn report_churn(m: &Measurement, connections: u64, rounds: usize) {
 
 /// Rebuilds the program with each part left out in turn, measures each, and rebuilds the real
 /// one at the end, whatever happens.
-fn report_breakdown(bench: &Bench, m: &Measurement, rounds: usize, rebuild: Rebuild) -> Result {
+fn report_breakdown(
+    bench: &Bench,
+    m: &Measurement,
+    rounds: usize,
+    variants: &[(&str, &str)],
+    rebuild: Rebuild,
+) -> Result {
     {
         // Whatever happens, leave the real agent behind.
         struct Restore<'a>(Rebuild<'a>);
@@ -204,7 +252,7 @@ fn report_breakdown(bench: &Bench, m: &Measurement, rounds: usize, rebuild: Rebu
         }
         let _restore = Restore(rebuild);
         let mut rows = Vec::new();
-        for (variant, left_out) in VARIANTS {
+        for (variant, left_out) in variants {
             rebuild(Some(variant))?;
             let v = bench.measure(rounds)?;
             rows.push((variant, left_out, v.ratio(), v.spread(), v.program_ns));
@@ -212,17 +260,33 @@ fn report_breakdown(bench: &Bench, m: &Measurement, rounds: usize, rebuild: Rebu
         println!();
         println!("## what each part of the program costs ({rounds} rounds per side each)");
         println!();
-        println!("| build | left out | throughput ratio (median) | rounds | program run time |");
-        println!("|---|---|---|---|---|");
+        // The floor: what any program on the tracepoint costs, measured in this same run.
+        let empty = rows
+            .iter()
+            .find(|r| *r.0 == "empty")
+            .map_or(f64::NAN, |r| r.4);
         println!(
-            "| full | nothing | {:.3} | {} | {:.0} ns |",
+            "| build | left out | throughput ratio (median) | rounds | program run time | x empty |"
+        );
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| full | nothing | {:.3} | {} | {:.0} ns | {:.2} |",
             m.ratio(),
             m.spread(),
-            m.program_ns
+            m.program_ns,
+            m.program_ns / empty
         );
         for (variant, left_out, ratio, spread, ns) in rows {
-            println!("| {variant} | {left_out} | {ratio:.3} | {spread} | {ns:.0} ns |");
+            println!(
+                "| {variant} | {left_out} | {ratio:.3} | {spread} | {ns:.0} ns | {:.2} |",
+                ns / empty
+            );
         }
+        println!();
+        println!(
+            "program run time, full / empty: {:.2} (target <= 2.5)",
+            m.program_ns / empty
+        );
     }
     Ok(())
 }
