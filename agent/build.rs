@@ -24,7 +24,6 @@ fn main() -> anyhow::Result<()> {
         "no-ring",
         "no-common-lru",
         "hash",
-        "pid-on-open",
         "no-query",
     ];
     if !VARIANTS.contains(&variant.as_str()) {

@@ -125,8 +125,9 @@ pub struct Event {
     pub daddr: [u8; 16],
     /// Network namespace inode; 0 when unknown.
     pub netns: u32,
-    /// Thread group id current at the transition. Only meaningful for transitions that run in
-    /// the owner's context (connect, close, shutdown); `-> CLOSE_WAIT` runs in softirq.
+    /// Thread group id current at the transition, read only for transitions that run in the
+    /// owner's context (connect, listen, close, shutdown: opens, `-> FIN_WAIT1`,
+    /// `-> LAST_ACK`, `-> CLOSE`); 0 for the others, which run in softirq.
     pub pid: u32,
     /// Local port, host byte order.
     pub sport: u16,

@@ -16,8 +16,8 @@ use crate::{Result, harness, output, sh};
 
 const NETNS: &str = "tcpstate-bench";
 const CHURN_PORT: u16 = 7900;
-const AGENT_LISTEN: &str = "127.0.0.1:10690";
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+pub(crate) const AGENT_LISTEN: &str = "127.0.0.1:10690";
+pub(crate) const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 const HELP: &str =
     "usage: cargo xtask bench [--scenario churn|busy|all] [--connections N] [--rounds R]
@@ -33,8 +33,9 @@ const HELP: &str =
   --rounds R       rounds of each kind, interleaved (default 15)
   --breakdown      also rebuild the eBPF program once per variant, each with one part left
                    out (everything, all but the record copy, the map, the clock, the ring
-                   buffer) or done another way (per-CPU LRU lists, a preallocated hash, the
-                   pid only in the owner's context, no backlog query), and measure each: what
+                   buffer) or done another way (per-CPU LRU lists, a preallocated hash, no
+                   backlog query), and measure each, also side by side with the real one on
+                   the same churns (kernel bpf_stats, paired): what
                    every part costs, and the program's run time against the empty program's
                    (the floor) in the same run. Rebuilds the real agent at the end.
   --variants LIST  with --breakdown, only these variants (comma-separated; `empty` is always
@@ -45,33 +46,6 @@ const HELP: &str =
   TCPSTATE_BENCH_SMAPS=1 prints the agent's largest memory mappings at the end of the busy
   scenario (where its RSS is).
 ";
-
-/// Benchmark-only builds of the program (`TCPSTATE_BENCH_VARIANT`, read by `ebpf/`), each
-/// leaving out one part, and what that part is.
-const VARIANTS: &[(&str, &str)] = &[
-    ("empty", "everything: the program returns at once"),
-    ("copy", "all but the record copy and the protocol filter"),
-    ("no-map", "the per-socket LRU map (entry time, namespace)"),
-    ("no-clock", "the clock read (bpf_ktime_get_ns)"),
-    ("no-ring", "the ring buffer: no event leaves the kernel"),
-    // Alternatives: each keeps everything, done another way.
-    (
-        "no-common-lru",
-        "(alternative) the LRU's shared list: per-CPU lists (BPF_F_NO_COMMON_LRU)",
-    ),
-    (
-        "hash",
-        "(alternative) the LRU: a preallocated hash of the same size",
-    ),
-    (
-        "pid-on-open",
-        "(alternative) the pid helper on transitions in softirq (pid 0 there)",
-    ),
-    (
-        "no-query",
-        "(alternative) the per-event ring backlog query (the reader's timer drains)",
-    ),
-];
 
 /// Rebuilds `target/release/tcpstate` with the program variant given, or as the environment
 /// says (the real program, unless `TCPSTATE_BENCH_VARIANT` is set there).
@@ -93,7 +67,10 @@ pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
             "--variants" => {
                 let list = it.next().ok_or("--variants needs a list")?;
                 for v in list.split(',') {
-                    if !VARIANTS.iter().any(|(name, _)| *name == v) {
+                    if !crate::breakdown::VARIANTS
+                        .iter()
+                        .any(|(name, _)| *name == v)
+                    {
                         return Err(format!("bench: no variant `{v}`\n{HELP}"));
                     }
                 }
@@ -129,7 +106,7 @@ pub fn main(root: &Path, args: &[String], rebuild: Rebuild) -> Result {
     };
     if scenario != "busy" {
         let breakdown = breakdown.then(|| {
-            VARIANTS
+            crate::breakdown::VARIANTS
                 .iter()
                 .filter(|(name, _)| {
                     *name == "empty" || only.as_ref().is_none_or(|o| o.iter().any(|v| v == name))
@@ -181,7 +158,7 @@ fn churn_scenario(
     let m = bench.measure(rounds)?;
     report_churn(&m, connections, rounds);
     if let Some(variants) = breakdown {
-        report_breakdown(bench, &m, rounds, &variants, rebuild)?;
+        crate::breakdown::report(bench, &m, rounds, &variants, rebuild)?;
     }
     Ok(())
 }
@@ -231,76 +208,16 @@ fn report_churn(m: &Measurement, connections: u64, rounds: usize) {
     );
 }
 
-/// Rebuilds the program with each part left out in turn, measures each, and rebuilds the real
-/// one at the end, whatever happens.
-fn report_breakdown(
-    bench: &Bench,
-    m: &Measurement,
-    rounds: usize,
-    variants: &[(&str, &str)],
-    rebuild: Rebuild,
-) -> Result {
-    {
-        // Whatever happens, leave the real agent behind.
-        struct Restore<'a>(Rebuild<'a>);
-        impl Drop for Restore<'_> {
-            fn drop(&mut self) {
-                if let Err(e) = (self.0)(None) {
-                    eprintln!("bench: rebuilding the real agent failed: {e}");
-                }
-            }
-        }
-        let _restore = Restore(rebuild);
-        let mut rows = Vec::new();
-        for (variant, left_out) in variants {
-            rebuild(Some(variant))?;
-            let v = bench.measure(rounds)?;
-            rows.push((variant, left_out, v.ratio(), v.spread(), v.program_ns));
-        }
-        println!();
-        println!("## what each part of the program costs ({rounds} rounds per side each)");
-        println!();
-        // The floor: what any program on the tracepoint costs, measured in this same run.
-        let empty = rows
-            .iter()
-            .find(|r| *r.0 == "empty")
-            .map_or(f64::NAN, |r| r.4);
-        println!(
-            "| build | left out | throughput ratio (median) | rounds | program run time | x empty |"
-        );
-        println!("|---|---|---|---|---|---|");
-        println!(
-            "| full | nothing | {:.3} | {} | {:.0} ns | {:.2} |",
-            m.ratio(),
-            m.spread(),
-            m.program_ns,
-            m.program_ns / empty
-        );
-        for (variant, left_out, ratio, spread, ns) in rows {
-            println!(
-                "| {variant} | {left_out} | {ratio:.3} | {spread} | {ns:.0} ns | {:.2} |",
-                ns / empty
-            );
-        }
-        println!();
-        println!(
-            "program run time, full / empty: {:.2} (target <= 2.5)",
-            m.program_ns / empty
-        );
-    }
-    Ok(())
-}
-
-struct Bench {
-    xtask: std::path::PathBuf,
-    agent_bin: std::path::PathBuf,
-    agent_args: Vec<String>,
-    connections: u64,
+pub(crate) struct Bench {
+    pub(crate) xtask: std::path::PathBuf,
+    pub(crate) agent_bin: std::path::PathBuf,
+    pub(crate) agent_args: Vec<String>,
+    pub(crate) connections: u64,
 }
 
 /// What `rounds` interleaved rounds without and with the agent measured.
 #[derive(Default)]
-struct Measurement {
+pub(crate) struct Measurement {
     without: Vec<f64>,
     with: Vec<f64>,
     cpu_s: f64,
@@ -309,7 +226,7 @@ struct Measurement {
     lost_agent: u64,
     peak_rss_kib: u64,
     /// Mean run time of the program per transition, from an extra round with bpf_stats on.
-    program_ns: f64,
+    pub(crate) program_ns: f64,
 }
 
 impl Measurement {
@@ -322,12 +239,12 @@ impl Measurement {
     }
 
     /// The median over rounds of with/without.
-    fn ratio(&self) -> f64 {
+    pub(crate) fn ratio(&self) -> f64 {
         median(&self.ratios())
     }
 
     /// The lowest and highest round's ratio: on a shared VM rounds swing by several percent.
-    fn spread(&self) -> String {
+    pub(crate) fn spread(&self) -> String {
         let r = self.ratios();
         let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -337,7 +254,7 @@ impl Measurement {
 
 impl Bench {
     /// Runs the churn worker for `n` connections in the namespace; returns the seconds taken.
-    fn churn(&self, n: u64) -> Result<f64> {
+    pub(crate) fn churn(&self, n: u64) -> Result<f64> {
         let out = output(
             Command::new("ip")
                 .args(["netns", "exec", NETNS])
@@ -349,7 +266,7 @@ impl Bench {
             .map_err(|_| format!("churn worker said `{out}`"))
     }
 
-    fn measure(&self, rounds: usize) -> Result<Measurement> {
+    pub(crate) fn measure(&self, rounds: usize) -> Result<Measurement> {
         let connections = self.connections;
         let mut m = Measurement::default();
         for round in 0..rounds {
@@ -420,7 +337,7 @@ pub fn worker(args: &[String]) -> Result {
     Ok(())
 }
 
-struct RestoreFile(&'static str, String);
+pub(crate) struct RestoreFile(pub(crate) &'static str, pub(crate) String);
 impl Drop for RestoreFile {
     fn drop(&mut self) {
         let _ = std::fs::write(self.0, &self.1);
@@ -477,7 +394,7 @@ impl Agent {
     }
 
     /// Run time and run count of the agent's eBPF program, from its fd's fdinfo.
-    fn program_run_time(&self) -> (u64, u64) {
+    pub(crate) fn program_run_time(&self) -> (u64, u64) {
         let dir = format!("/proc/{}/fdinfo", self.0.pid());
         let Ok(entries) = std::fs::read_dir(dir) else {
             return (0, 0);

@@ -74,6 +74,7 @@ pub fn run(agent_bin: &std::path::Path, agent_args: &[String]) -> Result {
 const IDLE_LISTEN: &str = "127.0.0.1:10691";
 const IDLE_SOCKET: &str = "/tmp/tcpstate-bench-idle.sock";
 const IDLE_TARGET: f64 = 0.3;
+const SCRAPE_EVERY_S: u64 = 15;
 
 /// What an agent costs while nothing changes.
 struct Idle {
@@ -109,7 +110,8 @@ fn idle(agent_bin: &std::path::Path, agent_args: &[String]) -> Result<Idle> {
     );
     let deadline = t0 + Duration::from_secs(400);
     let (full1, all1) = loop {
-        std::thread::sleep(Duration::from_millis(200));
+        // Scraped as often as Prometheus would (a scrape costs the agent a few ms).
+        std::thread::sleep(Duration::from_secs(SCRAPE_EVERY_S));
         let (full, all) = counts(&agent.metrics()?);
         let done = match (full0, full) {
             (Some(f0), Some(f)) => f > f0,
@@ -148,7 +150,7 @@ impl Idle {
             self.cpu_per_min
         );
         println!(
-            "| window: from a full dump to the next | {:.0} s, {} dumps ({} full) | |",
+            "| window: from a full dump to the next | {:.0} s, {} dumps ({} full), /metrics scraped every {SCRAPE_EVERY_S} s | |",
             self.window_s, self.dumps, self.full
         );
     }

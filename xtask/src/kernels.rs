@@ -27,12 +27,13 @@ pub const KERNELS: &[(&str, &str)] = &[
 /// `cargo xtask test` (CI) runs [`FOCUSED`] on each kernel, to stay within CI's 30 minutes with
 /// room to spare; `cargo xtask test-kernels` runs everything everywhere.
 /// The integration tests of attach, layouts (with the unit tests, which all run), ss agreement
-/// for both roles and families, lingering, seeding, how connections end (the states each kernel
-/// passes through) and the capability set.
+/// for both roles and families, lingering, seeding, live TIME_WAIT, how connections end (the
+/// states each kernel passes through) and the capability set.
 const FOCUSED: &[&str] = &[
     "kernel::",
     "ground_truth::close_wait_leaked_before_start_is_seeded_at_once_with_its_owner",
     "ground_truth::two_namespaces_on_the_same_port_are_counted_apart_with_per_netns",
+    "ground_truth::time_wait_is_counted_as_the_kernel_makes_it_within_a_second_of_ss",
     "linger::a_close_wait_leak_is_detected_ages_and_clears",
     "linger::a_fin_wait2_held_open_by_shutdown_is_detected_and_clears",
     "doctor::resets_and_orderly_closes_are_told_apart_and_resets_found",

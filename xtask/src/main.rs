@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 mod bench;
+mod breakdown;
 mod busy;
 mod deb_vm;
 mod dist;

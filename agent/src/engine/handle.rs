@@ -14,7 +14,12 @@ use crate::model::query::{ConnFilter, Conns, View};
 
 /// What other tasks may ask of the table task.
 pub(crate) enum Request {
-    View(oneshot::Sender<View>),
+    /// A view of the aggregates; `ephemeral`: with ephemeral port use per destination, which
+    /// only `/metrics` and `doctor` read and which walks every client connection.
+    View {
+        reply: oneshot::Sender<View>,
+        ephemeral: bool,
+    },
     /// The connections matching a filter (for the API's `conns`).
     Conns {
         filter: ConnFilter,
@@ -45,9 +50,25 @@ impl TableHandle {
         rx.await.ok()
     }
 
+    /// Everything, ephemeral port use included (a walk of the client connections).
     pub(crate) async fn view(&self) -> Option<View> {
+        self.view_of(true).await
+    }
+
+    /// The counts, without ephemeral port use (`ports`, `status`).
+    pub(crate) async fn counts(&self) -> Option<View> {
+        self.view_of(false).await
+    }
+
+    async fn view_of(&self, ephemeral: bool) -> Option<View> {
         let (tx, rx) = oneshot::channel();
-        self.0.send(Request::View(tx)).await.ok()?;
+        self.0
+            .send(Request::View {
+                reply: tx,
+                ephemeral,
+            })
+            .await
+            .ok()?;
         rx.await.ok()
     }
 }

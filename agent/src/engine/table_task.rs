@@ -99,8 +99,9 @@ impl TableTask {
     fn answer(&mut self, request: Request) {
         self.table.expire_timewait(monotonic_ns());
         match request {
-            Request::View(reply) => {
-                let _ = reply.send(View::of(&self.table, &self.detector, monotonic_ns()));
+            Request::View { reply, ephemeral } => {
+                let now = monotonic_ns();
+                let _ = reply.send(View::of(&self.table, &self.detector, now, ephemeral));
             }
             Request::Conns { filter, reply } => {
                 let _ = reply.send(Conns::of(&self.table, &filter, monotonic_ns()));

@@ -17,9 +17,14 @@ pub(crate) struct View {
 }
 
 impl View {
-    pub(crate) fn of(table: &Table, detector: &Detector, now_ns: u64) -> View {
+    /// `ephemeral`: with ephemeral port use (a walk of every client connection).
+    pub(crate) fn of(table: &Table, detector: &Detector, now_ns: u64, ephemeral: bool) -> View {
+        let mut snapshot = table.snapshot();
+        if ephemeral {
+            snapshot.ephemeral = table.ephemeral_use();
+        }
         View {
-            table: table.snapshot(),
+            table: snapshot,
             linger: detector.snapshot(&table.orphans(), now_ns),
             thresholds: detector.thresholds(),
             now_ns,

@@ -313,9 +313,24 @@ fn check_order(
             client[0].pid == std::process::id(),
             format!("port {port}: connect() pid {}", client[0].pid),
         )?;
+        softirq_has_no_pid(port, client.iter().chain(server.iter()))?;
         // Every event carries the socket's network namespace: the test's own.
         for t in client.iter().chain(server.iter()) {
             ensure(t.netns == inode, format!("port {port}: netns of {t:?}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A transition a packet made (in softirq) has no process of its own: pid 0, never whoever the
+/// interrupt fell on.
+fn softirq_has_no_pid<'a>(
+    port: u16,
+    transitions: impl Iterator<Item = &'a Transition>,
+) -> Result<(), String> {
+    for t in transitions {
+        if matches!(t.new, Established | CloseWait | FinWait2 | SynRecv) && t.pid != 0 {
+            return Err(format!("port {port}: pid of {t:?}"));
         }
     }
     Ok(())

@@ -12,7 +12,7 @@ const SEC: u64 = 1_000_000_000;
 fn findings(t: &mut Table, now_ns: u64) -> Vec<Finding> {
     let mut d = Detector::new(Thresholds::default());
     d.tick(t, now_ns);
-    let view = View::of(t, &d, now_ns);
+    let view = View::of(t, &d, now_ns, true);
     let conns: Vec<Conn> = t.conns().map(|(_, c)| c.clone()).collect();
     let lingering: Vec<Conn> = conns.iter().filter(|c| c.lingering).cloned().collect();
     let listeners: Vec<Conn> = conns.iter().filter(|c| c.listener).cloned().collect();

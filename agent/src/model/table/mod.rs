@@ -274,7 +274,8 @@ impl Table {
         }
     }
 
-    /// A consistent copy of the aggregates.
+    /// A consistent copy of the aggregates; ephemeral port use is left empty (it walks every
+    /// client connection: [`Table::ephemeral_use`], for the views that show it).
     pub fn snapshot(&self) -> Snapshot {
         let mut ports: Vec<_> = self
             .stats
@@ -307,7 +308,7 @@ impl Table {
             ports_tracked: self.slots,
             max_ports: self.max_ports,
             orphans,
-            ephemeral: self.ephemeral_use(),
+            ephemeral: EphemeralUse::default(),
         }
     }
 

@@ -221,6 +221,8 @@ pub struct EventRow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spent_seconds: Option<f64>,
     pub netns: u32,
+    /// The process that made the transition (connect, listen, close, shutdown); 0 for
+    /// transitions the kernel makes on its own (in softirq: a packet arrived).
     pub pid: u32,
 }
 

@@ -204,7 +204,7 @@ async fn handle(stream: UnixStream, state: Shared, shutdown: watch::Receiver<boo
 }
 
 async fn ports(state: &Shared) -> Reply {
-    match state.table.view().await {
+    match state.table.counts().await {
         Some(v) => Reply {
             ports: Some(rows::port_rows(&v)),
             ..Reply::ok()
@@ -233,7 +233,7 @@ async fn conns(state: &Shared, filter: ConnFilter) -> Reply {
 }
 
 async fn status(state: &Shared) -> Reply {
-    let Some(v) = state.table.view().await else {
+    let Some(v) = state.table.counts().await else {
         return Reply::error("the agent is shutting down");
     };
     let reader = state.reader.load();

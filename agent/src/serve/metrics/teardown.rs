@@ -78,8 +78,10 @@ mod tests {
     use crate::testing::tr;
 
     fn text(t: &Table) -> String {
+        let mut table = t.snapshot();
+        table.ephemeral = t.ephemeral_use();
         let view = View {
-            table: t.snapshot(),
+            table,
             ..View::default()
         };
         let fams: Vec<_> = families(&view)

@@ -45,13 +45,13 @@ fn a_close_from_fin_wait2_or_closing_is_a_time_wait_socket_until_its_timer_runs_
     t.apply(&tr(3, 3_000, Established, Close, "10.0.0.1:40002", S));
     assert_eq!(tw_of(&t, Role::Client, 80), [2, 0]);
     // Each counts toward the destination's ephemeral ports.
-    let top = &t.snapshot().ephemeral.top[0];
+    let top = &t.ephemeral_use().top[0];
     assert_eq!(top.in_use, 2);
     t.expire_timewait(59 * SEC);
     assert_eq!(tw_of(&t, Role::Client, 80), [2, 0]);
     t.expire_timewait(61 * SEC);
     assert_eq!(tw_of(&t, Role::Client, 80), [0, 0]);
-    assert!(t.snapshot().ephemeral.top.is_empty());
+    assert!(t.ephemeral_use().top.is_empty());
 }
 
 #[test]
