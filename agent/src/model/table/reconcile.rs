@@ -34,6 +34,14 @@ pub(crate) struct ReconcileTotals {
     pub(crate) last_ns: u64,
 }
 
+/// (namespace, port) of the dump's listeners: they make a socket on their port a server's.
+fn listening(dump: &[KernelSocket]) -> FxHashSet<(u32, u16)> {
+    dump.iter()
+        .filter(|d| d.state == TcpState::Listen)
+        .map(|d| (d.netns, d.local.port()))
+        .collect()
+}
+
 /// What a light dump asks the kernel for: timewait sockets (`TIME_WAIT`, and orphans in the
 /// `FIN_WAIT2` substate), listeners (they tell a timewait socket's role), and the states whose
 /// sockets linger (their inodes name their owners).
@@ -106,11 +114,7 @@ impl Table {
         now_ns: u64,
         fin_timeout: std::time::Duration,
     ) -> Corrections {
-        let listening: FxHashSet<(u32, u16)> = dump
-            .iter()
-            .filter(|d| d.state == TcpState::Listen)
-            .map(|d| (d.netns, d.local.port()))
-            .collect();
+        let listening = listening(dump);
         let plan = self.plan(dump, started_ns);
         let c = self.correct(dump, plan, &listening, now_ns);
         self.count_timewait(dump, &listening, started_ns, now_ns, fin_timeout);
@@ -135,11 +139,7 @@ impl Table {
         fin_timeout: std::time::Duration,
     ) {
         use TcpState::*;
-        let listening: FxHashSet<(u32, u16)> = dump
-            .iter()
-            .filter(|d| d.state == Listen)
-            .map(|d| (d.netns, d.local.port()))
-            .collect();
+        let listening = listening(dump);
         let inodes: rustc_hash::FxHashMap<Tuple, u32> = dump
             .iter()
             .filter(|d| !d.timewait && d.inode != 0 && matches!(d.state, CloseWait | FinWait2))
@@ -371,11 +371,7 @@ impl Table {
             let orphan = d.state == TcpState::FinWait2;
             // The kernel arms the timer for the whole life when the socket enters the state:
             // what is spent is the age.
-            let life = if orphan {
-                self.fin_timeout_ns
-            } else {
-                super::timewait::TIME_WAIT_NS
-            };
+            let life = self.timewait_life(orphan);
             let left = d.timer_left.map_or(life, |l| l.as_nanos() as u64);
             let (local, remote) = (d.local.into(), d.remote.into());
             found.push(super::timewait::Tw {

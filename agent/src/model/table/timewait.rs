@@ -168,6 +168,15 @@ impl Timewaits {
 }
 
 impl Table {
+    /// How long the kernel keeps a timewait socket: `tcp_fin_timeout` for an orphan's.
+    pub(super) fn timewait_life(&self, orphan: bool) -> u64 {
+        if orphan {
+            self.fin_timeout_ns
+        } else {
+            TIME_WAIT_NS
+        }
+    }
+
     /// `conn` closed into a timewait socket of the same port: counted now, expired when the
     /// kernel's timer runs out.
     pub(super) fn enter_timewait(&mut self, conn: &Conn, orphan: bool, ts_ns: u64) {
@@ -179,11 +188,7 @@ impl Table {
                 TcpState::TimeWait
             });
         }
-        let life = if orphan {
-            self.fin_timeout_ns
-        } else {
-            TIME_WAIT_NS
-        };
+        let life = self.timewait_life(orphan);
         self.tw.add(Tw {
             role,
             key,
