@@ -49,7 +49,7 @@ pub fn run(agent_bin: &std::path::Path, agent_args: &[String]) -> Result {
     let mut holders = hold(0..HOLDERS / 2)?;
     let idle = idle(agent_bin, agent_args)?;
     holders.extend(hold(HOLDERS / 2..HOLDERS)?);
-    let leak = burst_and_leak()?;
+    let (leak, live) = burst_and_leak(&agent)?;
     // A reconciliation that started after the burst has corrected its TIME_WAIT count.
     let runs = metric(&agent.metrics()?, "tcpstate_reconciliations_total");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -66,6 +66,10 @@ pub fn run(agent_bin: &std::path::Path, agent_args: &[String]) -> Result {
     leak.finish()?;
     agent.stop()?;
     figures.report();
+    println!(
+        "| burst port TIME_WAIT {:.0} ms after the burst, before any dump (ss) | {} ({}) | equal |",
+        live.after_ms, live.agent, live.ss
+    );
     idle.report();
     Ok(())
 }
@@ -184,7 +188,7 @@ fn hold(which: std::ops::Range<u16>) -> Result<Vec<Holder>> {
 }
 
 /// The burst and the leak.
-fn burst_and_leak() -> Result<Holder> {
+fn burst_and_leak(agent: &Agent) -> Result<(Holder, Live)> {
     // The burst: the server closes first, so TIME_WAIT stays on the server's side; then its
     // listener exits.
     let burst = crate::output(
@@ -198,11 +202,55 @@ fn burst_and_leak() -> Result<Holder> {
                 &BURST.to_string(),
             ]),
     )?;
+    let ended = Instant::now();
+    // What the agent says right after the burst, before any dump could have counted it.
+    let text = agent.metrics()?;
+    let after_ms = ended.elapsed().as_secs_f64() * 1e3;
+    let live = Live {
+        agent: burst_time_wait(&text),
+        ss: ss_burst_time_wait()?,
+        after_ms,
+    };
     eprintln!("bench: busy host: burst of {BURST} server-first connections ({burst} s)");
     // A CLOSE_WAIT leak on a new port: the clients close, the server never does.
     let mut leak = Holder::spawn(&["leak", &LEAK_PORT.to_string(), &LEAK.to_string()])?;
     leak.wait_ready()?;
-    Ok(leak)
+    Ok((leak, live))
+}
+
+/// The agent's TIME_WAIT count on the burst port right after the burst, and ss's.
+struct Live {
+    agent: String,
+    ss: usize,
+    after_ms: f64,
+}
+
+fn burst_time_wait(text: &str) -> String {
+    value(
+        text,
+        "tcpstate_connections",
+        &[
+            ("port", &BURST_PORT.to_string()),
+            ("role", "server"),
+            ("state", "time_wait"),
+        ],
+    )
+    .map_or("none".to_string(), |v| v.to_string())
+}
+
+fn ss_burst_time_wait() -> Result<usize> {
+    Ok(crate::output(Command::new("ip").args([
+        "netns",
+        "exec",
+        NETNS,
+        "ss",
+        "-Htan",
+        "state",
+        "time-wait",
+        &format!("sport = :{BURST_PORT}"),
+    ]))?
+    .lines()
+    .count())
 }
 
 /// What the scenario measures.
@@ -224,18 +272,7 @@ fn measure(agent: &Agent, rss_start: u64) -> Result<Figures> {
         text = agent.metrics()?;
         scrape_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let ss_time_wait = crate::output(Command::new("ip").args([
-        "netns",
-        "exec",
-        NETNS,
-        "ss",
-        "-Htan",
-        "state",
-        "time-wait",
-        &format!("sport = :{BURST_PORT}"),
-    ]))?
-    .lines()
-    .count();
+    let ss_time_wait = ss_burst_time_wait()?;
     if std::env::var_os("TCPSTATE_BENCH_SMAPS").is_some() {
         agent.print_smaps();
     }
@@ -277,16 +314,7 @@ impl Figures {
         let leak_line = format!(
             "tcpstate_connections{{port=\"{LEAK_PORT}\",role=\"server\",state=\"close_wait\"}} {LEAK}"
         );
-        let burst_tw = value(
-            text,
-            "tcpstate_connections",
-            &[
-                ("port", &BURST_PORT.to_string()),
-                ("role", "server"),
-                ("state", "time_wait"),
-            ],
-        )
-        .map_or("none".to_string(), |v| v.to_string());
+        let burst_tw = burst_time_wait(text);
         let other = text
             .lines()
             .filter(|l| l.starts_with("tcpstate_connections{port=\"other\""))
