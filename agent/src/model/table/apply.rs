@@ -1,6 +1,7 @@
 //! Events: one transition at a time, in ring buffer order.
 use tcpstate_common::TcpState;
 
+use super::conn::digest;
 use super::stats::{MATTERS, Observe};
 use super::{Conn, PortKey, Role, Table, Tuple, complete, depart, role_of};
 use crate::model::ending::CloseHow;
@@ -132,6 +133,7 @@ impl Table {
                 let (netns, local, remote) = (conn.netns, conn.local, conn.remote);
                 let tuple = self.tuple(netns, local, remote);
                 self.drop_seeded_twin(&tuple);
+                self.tw.reused(digest(&tuple));
             }
         }
         for what in fold.into_iter().flatten() {
@@ -209,6 +211,7 @@ impl Table {
         if complete(&conn) {
             let tuple = self.tuple(conn.netns, conn.local, conn.remote);
             self.drop_seeded_twin(&tuple);
+            self.tw.reused(digest(&tuple));
         }
         self.conns.insert(t.sock, conn);
     }

@@ -39,14 +39,14 @@ pub(super) struct Tw {
     pub(super) dest: Option<(u32, Endpoint)>,
 }
 
-/// Every timewait socket known, with counts kept as they come and go.
+/// Every timewait socket known, by tuple digest, with counts kept as they come and go.
 #[derive(Default)]
 pub(super) struct Timewaits {
-    list: Vec<Tw>,
+    by_digest: FxHashMap<u64, Vec<Tw>>,
     /// Per (role, port): `[TIME_WAIT, FIN_WAIT2]`.
     counts: FxHashMap<(Role, PortKey), [u64; 2]>,
     dests: TimewaitDests,
-    /// The earliest expiry in `list` (`u64::MAX` when empty).
+    /// The earliest expiry (`u64::MAX` when there is none).
     next_expiry_ns: u64,
 }
 
@@ -67,30 +67,50 @@ impl Timewaits {
         }
     }
 
+    fn all(&self) -> impl Iterator<Item = &Tw> {
+        self.by_digest.values().flatten()
+    }
+
     /// A timewait socket the kernel just made.
     pub(super) fn add(&mut self, tw: Tw) {
         self.count(&tw, true);
         self.next_expiry_ns = self.next_expiry_ns.min(tw.expires_ns);
-        self.list.push(tw);
+        self.by_digest.entry(tw.digest).or_default().push(tw);
+    }
+
+    /// A full socket took this tuple: the kernel let the timewait socket that held it go (a
+    /// SYN for the same 4-tuple, `tcp_tw_reuse`). No tracepoint shows it; the new socket does.
+    pub(super) fn reused(&mut self, digest: u64) {
+        let Some(v) = self.by_digest.get_mut(&digest) else {
+            return;
+        };
+        let tw = v.remove(0);
+        if v.is_empty() {
+            self.by_digest.remove(&digest);
+        }
+        self.count(&tw, false);
     }
 
     /// Forgets the sockets whose timer ran out by `now_ns`, as the kernel does.
     pub(super) fn expire(&mut self, now_ns: u64) {
-        if self.list.is_empty() || now_ns < self.next_expiry_ns {
+        if self.by_digest.is_empty() || now_ns < self.next_expiry_ns {
             return;
         }
-        let (gone, kept): (Vec<Tw>, Vec<Tw>) =
-            self.list.drain(..).partition(|t| t.expires_ns <= now_ns);
-        self.list = kept;
+        let mut gone = Vec::new();
+        self.by_digest.retain(|_, v| {
+            v.retain(|t| {
+                let expired = t.expires_ns <= now_ns;
+                if expired {
+                    gone.push(*t);
+                }
+                !expired
+            });
+            !v.is_empty()
+        });
         for t in &gone {
             self.count(t, false);
         }
-        self.next_expiry_ns = self
-            .list
-            .iter()
-            .map(|t| t.expires_ns)
-            .min()
-            .unwrap_or(u64::MAX);
+        self.next_expiry_ns = self.all().map(|t| t.expires_ns).min().unwrap_or(u64::MAX);
     }
 
     /// A dump that started at `started_ns` found `dumped`: they replace what was known, except
@@ -98,12 +118,11 @@ impl Timewaits {
     pub(super) fn replace(&mut self, dumped: Vec<Tw>, started_ns: u64) {
         let seen: FxHashSet<u64> = dumped.iter().map(|t| t.digest).collect();
         let newer: Vec<Tw> = self
-            .list
-            .iter()
+            .all()
             .filter(|t| t.since_ns >= started_ns && !seen.contains(&t.digest))
             .copied()
             .collect();
-        self.list.clear();
+        self.by_digest.clear();
         self.counts.clear();
         self.dests.clear();
         self.next_expiry_ns = u64::MAX;
@@ -127,8 +146,7 @@ impl Timewaits {
             return;
         }
         let moved: Vec<Tw> = self
-            .list
-            .iter()
+            .all()
             .filter(|t| (t.role, t.key) == (role, from))
             .copied()
             .collect();
@@ -136,8 +154,9 @@ impl Timewaits {
             self.count(t, false);
         }
         for t in self
-            .list
-            .iter_mut()
+            .by_digest
+            .values_mut()
+            .flatten()
             .filter(|t| (t.role, t.key) == (role, from))
         {
             t.key = to;
@@ -155,8 +174,7 @@ impl Timewaits {
 
     /// The orphaned `FIN_WAIT2` sockets.
     pub(super) fn orphans(&self) -> Vec<Orphan> {
-        self.list
-            .iter()
+        self.all()
             .filter(|t| t.orphan)
             .map(|t| Orphan {
                 role: t.role,

@@ -119,3 +119,24 @@ fn a_light_dump_names_lingering_sockets_and_corrects_nothing() {
     assert_eq!((r.runs, r.full_runs), (1, 0));
     assert_eq!(r.corrections, Corrections::default());
 }
+
+#[test]
+fn a_new_connection_on_the_tuple_of_a_time_wait_socket_ends_it() {
+    let mut t = table();
+    // The server closes first: its side keeps TIME_WAIT for (80, 40000).
+    let (srv, cli) = ("10.0.0.2:80", "10.0.0.1:40000");
+    t.apply(&tr(SOCK_A, 1_000, Close, Listen, "0.0.0.0:80", "0.0.0.0:0"));
+    t.apply(&tr(SOCK_B, 2_000, Listen, SynRecv, srv, cli));
+    t.apply(&tr(SOCK_B, 3_000, SynRecv, Established, srv, cli));
+    t.apply(&tr(SOCK_B, 4_000, Established, FinWait1, srv, cli));
+    t.apply(&tr(SOCK_B, 5_000, FinWait1, FinWait2, srv, cli));
+    t.apply(&tr(SOCK_B, 6_000, FinWait2, Close, srv, cli));
+    assert_eq!(tw_of(&t, Role::Server, 80), [1, 0]);
+    // The client picks port 40000 again: the kernel hands the tuple to the new connection.
+    t.apply(&tr(3, SEC, Listen, SynRecv, srv, "10.0.0.1:0"));
+    t.apply(&tr(3, SEC, SynRecv, Established, srv, cli));
+    assert_eq!(tw_of(&t, Role::Server, 80), [0, 0]);
+    // Another tuple's would not have gone.
+    t.apply(&tr(4, 2 * SEC, Listen, SynRecv, srv, "10.0.0.1:40001"));
+    assert_eq!(tw_of(&t, Role::Server, 80), [0, 0]);
+}
