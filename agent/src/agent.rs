@@ -168,6 +168,15 @@ pub(crate) async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
             tracing::error!(error = %e, "ring buffer reader failed");
         }
     }));
+    let mut cfg = cfg;
+    if !recursion.counted() && cfg.full_reconcile_interval > cfg.reconcile_interval {
+        // Light dumps trust the events whenever no loss is reported; here some cannot be.
+        tracing::info!(
+            "this kernel does not count the program runs it skips (recursion_misses, Linux 5.12 and later): every dump is a full one, every {:?}",
+            cfg.reconcile_interval
+        );
+        cfg.full_reconcile_interval = cfg.reconcile_interval;
+    }
     let losses = KernelLosses::new(drops, recursion);
     let (shared, engine) = spawn_engine(&cfg, netns, batch_rx, reader, losses, &stop);
     tasks.extend(engine);

@@ -110,6 +110,13 @@ pub struct RecursionMisses {
 }
 
 impl RecursionMisses {
+    /// Whether the kernel counts skipped runs at all (`recursion_misses` in fdinfo, Linux 5.12
+    /// and later). Before, a skipped run is a silent loss.
+    pub fn counted(&self) -> bool {
+        std::fs::read_to_string(&self.fdinfo)
+            .is_ok_and(|t| t.lines().any(|l| l.starts_with("recursion_misses:")))
+    }
+
     pub fn read(&self) -> u64 {
         std::fs::read_to_string(&self.fdinfo)
             .ok()
